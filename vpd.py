@@ -1,0 +1,862 @@
+"""
+vpd.py: adversarial Parameter Decomposition (VPD) in one file.
+
+Every decomposed weight matrix W [d_out, d_in] of a frozen target network is rewritten as C rank-1
+subcomponents plus a remainder, W = (V U)^T + Δ. A learned causal-importance (CI) function says, at
+every input position, which subcomponents the target needs there. Training keeps the model faithful
+when the unneeded ones are ablated, at random (stochastic loss) or by an adversary (adversarial loss),
+while needing as few as possible (importance minimality).
+
+Sections follow the method (shared/METHOD.md): config, §1-2 components and the masked forward,
+§3 causal importance, §4 losses and the adversary, §6 metrics, §5 training, then the entry point.
+
+    python vpd.py                                   # TMS 5-2: trains the toy target, then decomposes it
+    python vpd.py configs/resid_mlp1.py --steps=5000
+    python vpd.py configs/tms_5_2.py --init_from=resume
+"""
+import ast
+import dataclasses
+import difflib
+import fnmatch
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+# -----------------------------------------------------------------------------
+# Config: every knob of a decomposition. configs/*.py and --key=value override the defaults.
+
+@dataclass
+class Config:
+    # run
+    out_dir: str = "out/run"
+    init_from: str = "scratch"       # "resume": continue from out_dir/ckpt.pt
+    seed: int = 0
+    device: str = "auto"             # "auto": cuda when available, else cpu
+    dtype: str = "float32"           # "bfloat16": autocast on CUDA (Δ and L_faith stay fp32)
+    compile: bool = None             # torch.compile the hot paths; None: on for CUDA, off on CPU
+    # §1 what to decompose: module-path pattern -> number of subcomponents C
+    modules: dict = field(default_factory=lambda: {"linear1": 20, "linear2": 20})
+    # §3 causal importance function
+    ci_fn: str = "mlp"               # "mlp": one tiny MLP per subcomponent; "transformer": global shared
+    ci_hidden: int = 16              # mlp: hidden width
+    ci_d_model: int = 2048           # transformer sizes (Pile-4L recipe)
+    ci_n_blocks: int = 8
+    ci_n_heads: int = 16
+    ci_d_mlp: int = 8192
+    # §4 losses
+    faith_coeff: float = 1.0
+    imp_coeff: float = 3e-3
+    p_start: float = 1.0             # importance-minimality exponent, annealed linearly to p_end
+    p_end: float = 1.0
+    beta: float = 0.0                # frequency penalty (VPD 0.5)
+    stoch_coeff: float = 1.0
+    adv_coeff: float = 1.0
+    recon_loss: str = "mse"          # "mse" (toys) or "kl" (language models)
+    routing: str = "uniform_k_subset"  # stochastic loss: "all", "layerwise" (SPD), "uniform_k_subset" (VPD)
+    adv_routing: str = "all"         # persistent adversary: "all" or "uniform_k_subset"
+    adv_steps: int = 2               # inner ascent steps per training step
+    adv_lr: float = 0.01
+    adv_warmup: float = 0.025        # fraction of the run over which adv_lr warms up linearly
+    # §5 optimisation
+    steps: int = 10_000
+    batch_size: int = 4096           # per process
+    lr: float = 1e-3
+    lr_warmup: float = 0.0           # fraction of the run
+    lr_final: float = 0.0            # cosine decay to lr * lr_final
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0           # max gradient norm of V and U; 0: off
+    faith_warmup_steps: int = 200    # before the main loop: AdamW on V, U with L_faith only
+    faith_warmup_lr: float = 0.01
+    # §6 evaluation, logging, checkpoints
+    eval_interval: int = 1000
+    eval_batches: int = 1
+    eval_adv_steps: list = field(default_factory=lambda: [20])  # report adversarial loss at these steps
+    ci_threshold: float = 0.1        # L0 counts CI above this (LM: 0.0)
+    alive_threshold: float = 1e-6    # alive: mean CI above this
+    log_interval: int = 100
+    ckpt_interval: int = 1000
+
+
+# -----------------------------------------------------------------------------
+# §1-2 Components and the masked forward
+
+class Components(nn.Module):
+    """A target nn.Linear (weight [d_out, d_in], frozen) rewritten as C rank-1 subcomponents and a
+    remainder: W = (V U)^T + Δ. Subcomponent c's weight is (V[:, c] ⊗ U[c, :])^T."""
+
+    def __init__(self, linear: nn.Linear, C: int):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # the target's own tensors (state-dict keys kept)
+        d_out, d_in = self.weight.shape
+        device = self.weight.device
+        self.V = nn.Parameter(torch.randn(d_in, C, device=device) / math.sqrt(d_in))  # read directions
+        self.U = nn.Parameter(torch.randn(C, d_out, device=device) / math.sqrt(C))    # write directions
+        self.mask = None   # None: the target's weight; else (m [..., C], δ [...], Δ [d_out, d_in])
+        self.input = None  # input of the last forward through the target's weight: what CI reads
+
+    def delta(self):  # [d_out, d_in], in fp32; not detached: reconstruction trains V, U through it too
+        return self.weight.float() - (self.V @ self.U).T
+
+    def forward(self, x):  # x [..., d_in]
+        if self.mask is None:
+            self.input = x
+            return F.linear(x, self.weight, self.bias)
+        m, d, delta = self.mask
+        out = ((x @ self.V) * m) @ self.U + d.unsqueeze(-1) * F.linear(x, delta.to(x.dtype))
+        return out if self.bias is None else out + self.bias
+
+
+def install_components(model: nn.Module, modules: dict) -> dict:
+    """Freeze `model` and replace each nn.Linear matched by a pattern of `modules` ({"h.*.mlp.c_fc": 3072})
+    with Components. Returns {path: Components} in sorted path order, the order used everywhere."""
+    model.requires_grad_(False)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    comps = {}
+    for pattern, C in modules.items():
+        matched = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            near = difflib.get_close_matches(pattern, list(linears), n=3, cutoff=0.3)
+            raise ValueError(f"module pattern {pattern!r} matches no nn.Linear of the target; "
+                             f"closest nn.Linear paths: {near or sorted(linears)[:5]}")
+        for path in matched:
+            if path in comps:
+                raise ValueError(f"module {path!r} is matched by two patterns of `modules`")
+            comps[path] = Components(linears[path], C)
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, comps[path])
+    return dict(sorted(comps.items()))
+
+
+def route(masks: dict, routed: torch.Tensor) -> dict:
+    """Apply a routing mask routed [..., M] (one column per matrix, in `masks` order): where a matrix is
+    not routed it gets m = 1 and δ = 1, which is W itself (W = (V U)^T + Δ), so routed and unrouted
+    positions share one computation instead of computing both outputs."""
+    return {n: (torch.where(routed[..., i, None], m, 1.0), torch.where(routed[..., i], d, 1.0))
+            for i, (n, (m, d)) in enumerate(masks.items())}
+
+
+def uniform_k_subset(pos_shape, M: int, device) -> torch.Tensor:
+    """VPD routing: per position draw k ~ U{1..M}, then a uniformly random k-subset of the M matrices.
+    A given matrix is routed with probability E[k]/M = (M + 1) / 2M. Returns bool [*pos_shape, M]."""
+    k = torch.randint(1, M + 1, pos_shape, device=device)
+    rank = torch.rand(*pos_shape, M, device=device).argsort(-1).argsort(-1)  # a random permutation
+    return rank < k.unsqueeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# §3 Causal importance
+
+LEAK = 0.01  # α of both leaky hard sigmoids
+
+
+class LowerLeakyHardSigmoid(torch.autograd.Function):
+    """Forward clamp(z, 0, 1). Backward: pass the gradient on (0, 1], block it above 1, and below 0 let
+    α·g through only when g < 0, i.e. when the loss wants the CI to rise (revives dead subcomponents).
+    Used for masks; VPD found that SPD's negative forward values destabilise training."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return z.clamp(0, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        inside = (z > 0) & (z <= 1)
+        revive = (z <= 0) & (g < 0)
+        return torch.where(inside, g, torch.where(revive, LEAK * g, torch.zeros_like(g)))
+
+
+def upper_leaky_hard_sigmoid(z):
+    """clamp(z, 0, 1) below 1, slope α above: used for the minimality loss, which keeps pushing down
+    CI values that overshoot 1."""
+    return torch.where(z > 1, 1 + LEAK * (z - 1), z.clamp(min=0))
+
+
+class SubcomponentMLPs(nn.Module):
+    """SPD's CI function: every subcomponent c has its own MLP 1 -> H -> 1 on its inner activation
+    h_c = x · V[:, c]. All subcomponents of all matrices are batched as one [ΣC, H] computation."""
+
+    def __init__(self, Cs: dict, hidden: int):
+        super().__init__()
+        self.Cs, n = Cs, sum(Cs.values())
+        self.W1 = nn.Parameter(torch.randn(n, hidden) * math.sqrt(2))      # fan-in 1, He init
+        self.b1 = nn.Parameter(torch.zeros(n, hidden))
+        self.W2 = nn.Parameter(torch.randn(n, hidden) / math.sqrt(hidden))
+        self.b2 = nn.Parameter(torch.zeros(n))
+
+    def forward(self, inputs: dict, comps: dict) -> dict:
+        h = torch.cat([inputs[n] @ comps[n].V for n in self.Cs], -1)           # [..., ΣC]
+        hidden = F.gelu(torch.addcmul(self.b1, h.unsqueeze(-1), self.W1))     # [..., ΣC, H]
+        z = (hidden * self.W2).sum(-1) + self.b2                               # [..., ΣC]
+        return dict(zip(self.Cs, z.split(list(self.Cs.values()), -1)))
+
+
+def rope(x, base=10000.0):
+    """Rotary position embedding over the whole head, half-split pairs (i, i + D/2). x [B, H, T, D]."""
+    T, D = x.shape[-2:]
+    freqs = base ** (-torch.arange(D // 2, device=x.device, dtype=torch.float32) / (D // 2))
+    angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freqs  # [T, D/2]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).type_as(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with RoPE attention and a GELU MLP. causal=False sees all positions."""
+
+    def __init__(self, d: int, n_heads: int, d_mlp: int, causal: bool = False):
+        super().__init__()
+        self.n_heads, self.causal = n_heads, causal
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(d, d_mlp, bias=False), nn.GELU(), nn.Linear(d_mlp, d, bias=False))
+
+    def forward(self, x):  # [B, T, d]
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=self.causal)  # [B, H, T, D]
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class CITransformer(nn.Module):
+    """VPD's CI function: RMS-normalise each decomposed matrix's input (no learned scale), concatenate
+    them in sorted module order, and let a bidirectional transformer map them to ΣC scores per position."""
+
+    def __init__(self, d_ins: dict, Cs: dict, d_model: int, n_blocks: int, n_heads: int, d_mlp: int):
+        super().__init__()
+        self.d_ins, self.Cs = d_ins, Cs
+        self.proj_in = nn.Linear(sum(d_ins.values()), d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_mlp) for _ in range(n_blocks))
+        self.norm = nn.RMSNorm(d_model)
+        self.proj_out = nn.Linear(d_model, sum(Cs.values()))
+
+    def forward(self, inputs: dict, comps: dict = None) -> dict:
+        x = torch.cat([F.rms_norm(inputs[n], (d,)) for n, d in self.d_ins.items()], -1)  # [B, T, Σd_in]
+        flat = x.dim() == 2  # toy inputs [B, d]: one position per sample
+        x = self.proj_in(x[:, None] if flat else x)                                      # [B, T, d_model]
+        for block in self.blocks:
+            x = block(x)
+        z = self.proj_out(self.norm(x)).float()                                          # [B, T, ΣC]
+        return dict(zip(self.Cs, (z[:, 0] if flat else z).split(list(self.Cs.values()), -1)))
+
+
+class Decomposition(nn.Module):
+    """A frozen target with components on the matched nn.Linear modules, and the CI function.
+    `dec(x)` runs the target (caching each matrix's input); `dec.masked(x, masks, deltas)` runs it with
+    masks {path: (m [..., C], δ [...])}; matrices absent from `masks` use their original weight."""
+
+    def __init__(self, target: nn.Module, cfg: Config):
+        super().__init__()
+        self.target = target
+        self.comps = install_components(target, cfg.modules)
+        Cs = {n: c.V.shape[1] for n, c in self.comps.items()}
+        if cfg.ci_fn == "mlp":
+            self.ci_fn = SubcomponentMLPs(Cs, cfg.ci_hidden)
+        elif cfg.ci_fn == "transformer":
+            d_ins = {n: c.V.shape[0] for n, c in self.comps.items()}
+            self.ci_fn = CITransformer(d_ins, Cs, cfg.ci_d_model, cfg.ci_n_blocks, cfg.ci_n_heads, cfg.ci_d_mlp)
+        else:
+            raise ValueError(f"ci_fn must be 'mlp' or 'transformer', got {cfg.ci_fn!r}")
+        self.ci_fn.to(self.target_device())
+
+    def target_device(self):
+        return next(iter(self.comps.values())).weight.device
+
+    def forward(self, x):
+        return self.target(x)
+
+    def causal_importance(self):
+        """CI from the inputs cached by the last target forward: (lower-leaky for masks, upper-leaky for
+        the minimality loss), each {path: [..., C]}."""
+        z = self.ci_fn({n: c.input for n, c in self.comps.items()}, self.comps)
+        return ({n: LowerLeakyHardSigmoid.apply(v) for n, v in z.items()},
+                {n: upper_leaky_hard_sigmoid(v) for n, v in z.items()})
+
+    def deltas(self):
+        with torch.autocast(self.target_device().type, enabled=False):  # Δ ≈ 0 needs fp32
+            return {n: c.delta() for n, c in self.comps.items()}
+
+    def masked(self, x, masks: dict, deltas: dict):
+        for n, c in self.comps.items():
+            c.mask = (*masks[n], deltas[n]) if n in masks else None
+        try:
+            return self.target(x)
+        finally:
+            for c in self.comps.values():
+                c.mask = None
+
+
+# -----------------------------------------------------------------------------
+# §4 Losses and the adversary
+
+def faithfulness_loss(deltas: dict):
+    """L_faith = Σ_l ||Δ_l||² / Σ_l numel(Δ_l)."""
+    return sum(d.pow(2).sum() for d in deltas.values()) / sum(d.numel() for d in deltas.values())
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over all processes; the backward sums the incoming gradients the same way, so every
+    process's share gets the gradient of every process's loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+def global_sum(x):
+    return _AllReduceSum.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
+
+
+def importance_minimality_loss(ci_upper: dict, p: float, beta: float, eps: float = 1e-12):
+    """Per matrix and subcomponent, s_c = Σ_positions (g + ε)^p and mean_c = s_c / #positions;
+    L_imp = Σ_l Σ_c mean_c (1 + β log2(1 + s_c)). The β term penalises subcomponents that fire often,
+    which splits subcomponents serving unrelated inputs. Under data parallelism s_c inside the log is
+    the global sum over processes, and averaging the processes' gradients gives the exact gradient."""
+    total = 0.0
+    for g in ci_upper.values():
+        s = (g + eps).pow(p).reshape(-1, g.shape[-1]).sum(0)  # [C]
+        mean = s / (g.numel() // g.shape[-1])
+        total = total + (mean * (1 + beta * torch.log2(1 + global_sum(s))) if beta else mean).sum()
+    return total
+
+
+def recon_loss(out, target_out, kind: str):
+    """How far the masked model's output is from the target's: MSE (sum / numel) for toys, or for
+    language models KL(target || masked) summed over the vocabulary, mean over positions."""
+    if kind == "mse":
+        return F.mse_loss(out.float(), target_out.float())
+    log_q, log_p = F.log_softmax(out.float(), -1), F.log_softmax(target_out.float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def stochastic_masks(ci_lower: dict) -> dict:
+    """m = g + (1 - g) u with u ~ U(0, 1) per (position, subcomponent); δ ~ U(0, 1) per position."""
+    return {n: (g + (1 - g) * torch.rand_like(g), torch.rand_like(g[..., 0])) for n, g in ci_lower.items()}
+
+
+def stochastic_recon_loss(dec, x, target_out, ci_lower, deltas, cfg):
+    """One mask sample per step. "all": every matrix masked everywhere; "uniform_k_subset" (VPD): a
+    random k-subset of matrices per position; "layerwise" (SPD): the all-matrices pass plus the mean
+    of M passes that mask one matrix at a time."""
+    masks = stochastic_masks(ci_lower)
+    if cfg.routing == "all":
+        return recon_loss(dec.masked(x, masks, deltas), target_out, cfg.recon_loss)
+    if cfg.routing == "uniform_k_subset":
+        pos_shape = next(iter(ci_lower.values())).shape[:-1]
+        masks = route(masks, uniform_k_subset(pos_shape, len(masks), x.device))
+        return recon_loss(dec.masked(x, masks, deltas), target_out, cfg.recon_loss)
+    if cfg.routing == "layerwise":
+        every = recon_loss(dec.masked(x, masks, deltas), target_out, cfg.recon_loss)
+        each = [recon_loss(dec.masked(x, {n: masks[n]}, deltas), target_out, cfg.recon_loss) for n in masks]
+        return every + sum(each) / len(each)
+    raise ValueError(f"routing must be 'all', 'uniform_k_subset' or 'layerwise', got {cfg.routing!r}")
+
+
+def source_masks(ci_lower: dict, sources: dict) -> dict:
+    """Adversarial masks m = g + (1 - g) s, δ = the source's last channel; s [..., C + 1] in [0, 1]."""
+    return {n: (g + (1 - g) * sources[n][..., :-1], sources[n][..., -1]) for n, g in ci_lower.items()}
+
+
+class Adversary:
+    """Persistent PGD: per matrix a source [*positions, C + 1] in [0, 1] (last channel: δ), kept across
+    training steps and moved by projected Adam *ascent* on the reconstruction loss."""
+
+    def __init__(self, betas=(0.5, 0.99), eps=1e-8):
+        self.betas, self.eps = betas, eps
+        self.sources, self.m, self.v, self.t = {}, {}, {}, 0
+
+    def leaves(self, ci_lower: dict) -> dict:
+        """The sources as fresh leaf tensors that collect gradients (initialised U(0, 1) on first use)."""
+        if not self.sources:
+            for n, g in ci_lower.items():
+                self.sources[n] = torch.rand(*g.shape[:-1], g.shape[-1] + 1, device=g.device)
+                self.m[n], self.v[n] = torch.zeros_like(self.sources[n]), torch.zeros_like(self.sources[n])
+        return {n: s.detach().requires_grad_() for n, s in self.sources.items()}
+
+    @torch.no_grad()
+    def ascend(self, grads: dict, lr: float):
+        self.t += 1
+        b1, b2 = self.betas
+        for n, g in grads.items():
+            self.m[n].lerp_(g, 1 - b1)
+            self.v[n].mul_(b2).addcmul_(g, g, value=1 - b2)
+            step = (self.m[n] / (1 - b1 ** self.t)) / ((self.v[n] / (1 - b2 ** self.t)).sqrt() + self.eps)
+            self.sources[n].add_(lr * step).clamp_(0, 1)
+
+    def state_dict(self):
+        return {"sources": self.sources, "m": self.m, "v": self.v, "t": self.t}
+
+    def load_state_dict(self, sd):
+        self.sources, self.m, self.v, self.t = sd["sources"], sd["m"], sd["v"], sd["t"]
+
+
+def adversarial_recon_loss(dec, x, target_out, ci_lower, sources, deltas, cfg):
+    masks = source_masks(ci_lower, sources)
+    if cfg.adv_routing == "uniform_k_subset":
+        pos_shape = next(iter(ci_lower.values())).shape[:-1]
+        masks = route(masks, uniform_k_subset(pos_shape, len(masks), x.device))
+    elif cfg.adv_routing != "all":
+        raise ValueError(f"adv_routing must be 'all' or 'uniform_k_subset', got {cfg.adv_routing!r}")
+    return recon_loss(dec.masked(x, masks, deltas), target_out, cfg.recon_loss)
+
+
+def eval_adversary(dec, x, target_out, ci_lower, deltas, cfg, milestones, step_size=0.1):
+    """The evaluation adversary: one source [1, ..., 1, C + 1] per matrix shared by the whole batch and
+    all positions (it must find systematic failures, not exploit noise), sign-gradient ascent.
+    Returns {n_steps: loss after n_steps} for each milestone."""
+    ci_lower = {n: g.detach() for n, g in ci_lower.items()}
+    deltas = {n: d.detach() for n, d in deltas.items()}
+    sources = {n: torch.rand(*[1] * (g.dim() - 1), g.shape[-1] + 1, device=g.device) for n, g in ci_lower.items()}
+    found = {}
+    for i in range(max(milestones) + 1):
+        sources = {n: s.requires_grad_() for n, s in sources.items()}
+        loss = recon_loss(dec.masked(x, source_masks(ci_lower, sources), deltas), target_out, cfg.recon_loss)
+        if i in milestones:
+            found[i] = loss.item()
+        if i == max(milestones):
+            break
+        grads = torch.autograd.grad(loss, list(sources.values()))
+        with torch.no_grad():
+            sources = {n: (s + step_size * global_sum(g).sign()).clamp(0, 1)
+                       for (n, s), g in zip(sources.items(), grads)}
+    return found
+
+
+# -----------------------------------------------------------------------------
+# §6 Metrics
+
+def toy_feature_metrics(W, comp: Components):
+    """MMCS and ML2R of a toy target matrix W [d_out, n_features] against its subcomponents: for each
+    feature j, the best subcomponent's column U[c, :] V[j, c] by cosine similarity, and its norm ratio."""
+    cols = comp.V[:, :, None] * comp.U[None]                             # [n_features, C, d_out]
+    feats = W.T[:, None, :]                                               # [n_features, 1, d_out]
+    cos = F.cosine_similarity(cols, feats, dim=-1)                        # [n_features, C]
+    best = cos.argmax(1)
+    ratio = cols[torch.arange(len(best)), best].norm(dim=-1) / feats[:, 0].norm(dim=-1)
+    return cos.max(1).values.mean().item(), ratio.mean().item(), best
+
+
+def target_ci_error(ci, pattern, tol=0.1):
+    """Entries of a CI matrix on one-hot probes (ci [n_features, C]) that miss the expected pattern by
+    more than tol. ("identity", n): one subcomponent per feature, matched by linear assignment.
+    ("dense", k): the same k subcomponents on for every feature, all others off."""
+    kind, k = pattern
+    expected = torch.zeros_like(ci)
+    if kind == "identity":
+        from scipy.optimize import linear_sum_assignment  # the Hungarian method
+        rows, cols = linear_sum_assignment(ci.numpy(), maximize=True)
+        expected[rows, cols] = 1
+    elif kind == "dense":
+        expected[:, ci.mean(0).topk(k).indices] = 1
+    else:
+        raise ValueError(f"unknown CI pattern {kind!r}")
+    return int(((ci - expected).abs() > tol).sum())
+
+
+@torch.no_grad()
+def probe_ci(dec, probes):
+    dec(probes)
+    return {n: g.cpu() for n, g in dec.causal_importance()[0].items()}
+
+
+def evaluate(dec, get_batch, cfg, truth=None) -> dict:
+    """The metrics of METHOD.md §6 on `cfg.eval_batches` validation batches: reconstruction under six
+    kinds of masks (and CE for language models), the evaluation adversary, L0, alive subcomponents,
+    hidden-activation MSE; for toys, MMCS / ML2R and the target-CI error."""
+    devices = [dec.target_device()] if dec.target_device().type == "cuda" else []
+    sums, ci_mass, n_pos = {}, {}, 0
+    with torch.random.fork_rng(devices):  # evaluation must not move the training RNG (resume equality)
+        torch.manual_seed(cfg.seed + 1)
+        for i in range(cfg.eval_batches):
+            x, y = get_batch("val", i)
+            with torch.no_grad():
+                target_out = dec(x)
+                target_hidden = {n: F.linear(c.input, c.weight, c.bias) for n, c in dec.comps.items()}
+                ci, _ = dec.causal_importance()
+                deltas = dec.deltas()
+            zero = {n: torch.zeros_like(g[..., 0]) for n, g in ci.items()}
+            mask_kinds = {
+                "ci": {n: (g, zero[n]) for n, g in ci.items()},
+                "ones": {n: (torch.ones_like(g), zero[n]) for n, g in ci.items()},
+                "stoch": stochastic_masks(ci),
+                "random": {n: (torch.rand_like(g), zero[n]) for n, g in ci.items()},
+                "rounded": {n: ((g > cfg.ci_threshold).float(), zero[n]) for n, g in ci.items()},
+                "zero": {n: (torch.zeros_like(g), zero[n]) for n, g in ci.items()},
+            }
+            metrics = {"ce/target": lm_ce(target_out, y)} if y is not None else {}
+            for kind, masks in mask_kinds.items():
+                hidden = {}
+                hooks = [c.register_forward_hook(lambda mod, inp, out, n=n: hidden.__setitem__(n, out))
+                         for n, c in dec.comps.items()]
+                with torch.no_grad():
+                    out = dec.masked(x, masks, deltas)
+                for h in hooks:
+                    h.remove()
+                metrics[f"recon/{kind}"] = recon_loss(out, target_out, cfg.recon_loss).item()
+                if y is not None:
+                    metrics[f"ce/{kind}"] = lm_ce(out, y)
+                if kind in ("ci", "stoch"):
+                    for n in hidden:
+                        metrics[f"hidden_mse/{kind}/{n}"] = F.mse_loss(hidden[n].float(), target_hidden[n].float()).item()
+            for steps, loss in eval_adversary(dec, x, target_out, ci, deltas, cfg, cfg.eval_adv_steps).items():
+                metrics[f"recon/adv{steps}"] = loss
+            for n, g in ci.items():
+                metrics[f"l0/{n}"] = (g > cfg.ci_threshold).sum(-1).float().mean().item()
+                ci_mass[n] = ci_mass.get(n, 0) + g.reshape(-1, g.shape[-1]).sum(0)
+            n_pos += next(iter(ci.values()))[..., 0].numel()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.eval_batches
+    metrics = sums
+    metrics["l0/total"] = sum(metrics[f"l0/{n}"] for n in dec.comps)
+    if y is not None:
+        for kind in mask_kinds:  # fraction of the zero-ablation CE gap left unrecovered
+            metrics[f"ce_unrecovered/{kind}"] = ((metrics[f"ce/{kind}"] - metrics["ce/target"])
+                                                 / (metrics["ce/zero"] - metrics["ce/target"]))
+    for n, mass in ci_mass.items():
+        metrics[f"alive/{n}"] = int((global_sum(mass) / (n_pos * world_size()) > cfg.alive_threshold).sum())
+    metrics["alive/total"] = sum(metrics[f"alive/{n}"] for n in dec.comps)
+    if truth is not None:  # toy models: the decomposition that should come out is known
+        if "features" in truth:
+            path, W = truth["features"]
+            metrics["mmcs"], metrics["ml2r"], _ = toy_feature_metrics(W, dec.comps[path])
+        ci = probe_ci(dec, truth["probes"])
+        for n, pattern in truth["patterns"].items():
+            metrics[f"ci_error/{n}"] = target_ci_error(ci[n], pattern)
+        metrics["ci_error/total"] = sum(metrics[f"ci_error/{n}"] for n in truth["patterns"])
+    return metrics
+
+
+def lm_ce(logits, y):
+    return F.cross_entropy(logits.float().flatten(0, -2), y.flatten()).item()
+
+
+def save_figures(dec, truth, out_dir):
+    """The CI matrix on one-hot probes, and for TMS the target's feature vectors beside the best
+    matching subcomponents' vectors."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ci = probe_ci(dec, truth["probes"])
+    fig, axes = plt.subplots(1, len(ci), figsize=(4 * len(ci), 3.5), squeeze=False)
+    for ax, (n, g) in zip(axes[0], ci.items()):
+        alive = g.max(0).values > 0  # columns that never fire are left out
+        ax.imshow(g[:, alive], vmin=0, vmax=1, cmap="Blues", aspect="auto", interpolation="nearest")
+        ax.set(title=f"{n}: CI on one-hot probes", xlabel=f"subcomponent ({int(alive.sum())} that fire)",
+               ylabel="feature")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "ci_probes.png"), dpi=120)
+    plt.close(fig)
+    if "features" in truth:
+        path, W = truth["features"]
+        _, _, best = toy_feature_metrics(W, dec.comps[path])
+        comp = dec.comps[path]
+        found = (comp.V[torch.arange(len(best)), best][:, None] * comp.U[best]).detach().cpu()  # [n, d_out]
+        fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+        for ax, vecs, title in ((axes[0], W.T.cpu(), "target W columns"), (axes[1], found, "best subcomponents")):
+            if vecs.shape[1] == 2:
+                for j, v in enumerate(vecs):
+                    ax.arrow(0, 0, v[0], v[1], color=f"C{j % 10}", width=0.01, length_includes_head=True)
+                lim = 1.1 * W.abs().max().item()
+                ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
+            else:
+                ax.imshow(vecs.T, cmap="RdBu", vmin=-W.abs().max().item(), vmax=W.abs().max().item())
+                ax.set(xlabel="feature", ylabel="hidden dim")
+            ax.set_title(f"{path}: {title}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "features.png"), dpi=120)
+        plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# §5 Training
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up, then cosine decay from lr to lr * lr_final."""
+    warmup = int(cfg.lr_warmup * cfg.steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(path: str, ckpt: dict):
+    """Atomic: a crash while writing leaves the previous checkpoint intact."""
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"init_from='resume' but there is no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is corrupt "
+                           "or not a vpd.py checkpoint") from e
+    missing = {"config", "step", "components", "target", "ci_fn", "optimizer", "adversary", "rng"} - set(ckpt)
+    if missing:
+        raise RuntimeError(f"checkpoint {path} lacks {sorted(missing)}; it is not a vpd.py checkpoint")
+    return ckpt
+
+
+def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None) -> dict:
+    """Decompose `target`. get_batch(split, step) -> (x, y) gives the batch of a step ("train") or the
+    i-th evaluation batch ("val"); y: next-token labels for language models, else None. truth: for toy
+    models, what the decomposition should find (see models.py). Returns the final metrics."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
+    torch.manual_seed(cfg.seed)
+    dec = Decomposition(target, cfg)
+    device = dec.target_device()
+    params = [p for c in dec.comps.values() for p in (c.V, c.U)] + list(dec.ci_fn.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    adversary = Adversary()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and device.type == "cuda"
+                else nullcontext())
+    ci_fn, recon = dec.causal_importance, dec.masked
+    if cfg.compile:
+        ci_fn, recon = torch.compile(ci_fn), torch.compile(recon)
+
+    start = 0
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(ckpt_path)
+        state = dict(ckpt["target"])
+        for n, vu in ckpt["components"].items():
+            state[f"{n}.V"], state[f"{n}.U"] = vu["V"], vu["U"]
+        dec.target.load_state_dict(state)
+        dec.ci_fn.load_state_dict(ckpt["ci_fn"])
+        opt.load_state_dict(ckpt["optimizer"])
+        adversary.load_state_dict({k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v)
+                                   for k, v in ckpt["adversary"].items()})
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        start = ckpt["step"]
+        if master and os.path.exists(metrics_path):  # drop what the interrupted run logged after the checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+        if master:
+            print(f"resuming from {ckpt_path} at step {start}")
+    elif cfg.init_from != "scratch":
+        raise ValueError(f"init_from must be 'scratch' or 'resume', got {cfg.init_from!r}")
+    else:
+        if master and os.path.exists(metrics_path):
+            os.remove(metrics_path)
+        warm = torch.optim.AdamW([p for c in dec.comps.values() for p in (c.V, c.U)], lr=cfg.faith_warmup_lr,
+                                 weight_decay=0)
+        for _ in range(cfg.faith_warmup_steps):  # faithfulness warm-up: start from (V U)^T ≈ W
+            warm.zero_grad(set_to_none=True)
+            faithfulness_loss(dec.deltas()).backward()
+            warm.step()
+
+    def log(record):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(step):
+        if not master:
+            return
+        sd = dec.target.state_dict()
+        save_checkpoint(ckpt_path, {
+            "config": run_config or dataclasses.asdict(cfg), "step": step,
+            "components": {n: {"V": c.V.detach().cpu(), "U": c.U.detach().cpu()} for n, c in dec.comps.items()},
+            "target": {k: v.cpu() for k, v in sd.items() if not k.endswith((".V", ".U"))},
+            "ci_fn": dec.ci_fn.state_dict(), "optimizer": opt.state_dict(), "adversary": adversary.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(),
+                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}})
+
+    t_last, step_last, n_pos, metrics = time.perf_counter(), start, 0, {}
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master, dynamic_ncols=True)
+    for step in bar:
+        frac = step / max(1, cfg.steps - 1)
+        p = cfg.p_start + (cfg.p_end - cfg.p_start) * frac
+        lr = lr_at(step, cfg)
+        adv_lr = cfg.adv_lr * min(1.0, (step + 1) / max(1.0, cfg.adv_warmup * cfg.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, _ = get_batch("train", step)
+
+        # 1-2: the target, caching each decomposed matrix's input, then the causal importances
+        with autocast:
+            with torch.no_grad():
+                target_out = dec(x)
+            ci_lower, ci_upper = ci_fn()
+        deltas = dec.deltas()
+        # 3: the persistent adversary's inner ascent steps (gradients w.r.t. the sources only)
+        if cfg.adv_coeff:
+            ci_fixed = {n: g.detach() for n, g in ci_lower.items()}
+            fixed_deltas = {n: d.detach() for n, d in deltas.items()}
+            for _ in range(cfg.adv_steps):
+                sources = adversary.leaves(ci_lower)
+                with autocast:
+                    loss = recon_loss(recon(x, source_masks(ci_fixed, sources), fixed_deltas), target_out,
+                                      cfg.recon_loss)
+                adversary.ascend(dict(zip(sources, torch.autograd.grad(loss, list(sources.values())))), adv_lr)
+        # 4-5: the losses; their weighted sum in fp32
+        losses = {"faith": faithfulness_loss(deltas), "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
+        with autocast:
+            if cfg.stoch_coeff:
+                losses["stoch"] = stochastic_recon_loss(dec, x, target_out, ci_lower, deltas, cfg)
+            if cfg.adv_coeff:
+                sources = adversary.leaves(ci_lower)
+                losses["adv"] = adversarial_recon_loss(dec, x, target_out, ci_lower, sources, deltas, cfg)
+        coeffs = {"faith": cfg.faith_coeff, "imp": cfg.imp_coeff, "stoch": cfg.stoch_coeff, "adv": cfg.adv_coeff}
+        total = sum(coeffs[k] * v.float() for k, v in losses.items())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"step {step}: the loss is {total.item()} "
+                                     f"({ {k: v.item() for k, v in losses.items()} }); the last good checkpoint "
+                                     f"is {ckpt_path}")
+        # 6-7: one backward gives the parameters' gradients and (through L_adv) the sources' gradients
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if world_size() > 1:  # the masked forwards run outside any DDP wrapper: average gradients by hand
+            for prm in params:
+                dist.all_reduce(prm.grad)
+                prm.grad /= world_size()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for c in dec.comps.values() for p in (c.V, c.U)], cfg.grad_clip)
+        opt.step()
+        # 8: the adversary's outer step, with the gradient the main backward left on the sources
+        if cfg.adv_coeff:
+            adversary.ascend({n: s.grad / cfg.adv_coeff for n, s in sources.items()}, adv_lr)
+
+        n_pos += next(iter(ci_lower.values()))[..., 0].numel() * world_size()
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t_last
+            record = {"step": done, **{k: v.item() for k, v in losses.items()}, "total": total.item(),
+                      "p": p, "lr": lr, "ms_per_step": 1000 * dt / (done - step_last), "pos_per_s": n_pos / dt,
+                      "peak_mem_gb": peak_memory_gb(device)}
+            log(record)
+            if master:
+                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        if done % cfg.eval_interval == 0 or done == cfg.steps:
+            metrics = {"step": done, **evaluate(dec, get_batch, cfg, truth)}
+            log(metrics)
+            if master:
+                bar.write("eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "/" not in k
+                                             or k.endswith("total") or k.startswith("recon")))
+        if done % cfg.ckpt_interval == 0 or done == cfg.steps:
+            checkpoint(done)
+        if done == cfg.steps or not (done % cfg.log_interval and done % cfg.eval_interval and done % cfg.ckpt_interval):
+            t_last, step_last, n_pos = time.perf_counter(), done, 0  # time training steps only
+    if master and truth is not None:
+        save_figures(dec, truth, cfg.out_dir)
+    return metrics
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+# -----------------------------------------------------------------------------
+# Entry point: python vpd.py [config.py] [--key=value ...]
+
+def configure(argv: list, *configs):
+    """nanoGPT-style configuration onto dataclass instances: a config file (plain Python that sets
+    variables) then --key=value overrides, parsed as Python literals or else taken as strings. Unknown
+    keys and values of the wrong type are errors."""
+    fields = {f.name: cfg for cfg in configs for f in dataclasses.fields(cfg)}
+
+    def assign(key, value, where):
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            raise SystemExit(f"unknown config key {key!r} in {where}" + (f"; did you mean {near[0]!r}?" if near else ""))
+        cfg = fields[key]
+        default = getattr(cfg, key)
+        if isinstance(default, float) and type(value) is int:
+            value = float(value)
+        if default is not None and value is not None and type(value) is not type(default):
+            raise SystemExit(f"config key {key!r} in {where} takes a {type(default).__name__}, "
+                             f"got {value!r} ({type(value).__name__})")
+        setattr(cfg, key, value)
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise SystemExit(f"expected --key=value, got {arg!r}")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare string such as --out_dir=out/x
+            assign(key, value, "the command line")
+        else:
+            if not os.path.exists(arg):
+                raise SystemExit(f"config file {arg!r} does not exist")
+            namespace = {}
+            exec(compile(open(arg).read(), arg, "exec"), namespace)
+            for key, value in namespace.items():
+                if not key.startswith("_") and not type(value).__name__ == "module":
+                    assign(key, value, arg)
+    return configs
+
+
+def main(argv):
+    import models  # the toy and language-model targets, their data and their training
+    if not argv or argv[0].startswith("--"):
+        default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tms_5_2.py")
+        print(f"no config file given: using {os.path.relpath(default)}")
+        argv = [default, *argv]
+    cfg, tcfg = configure(argv, Config(), models.TargetConfig())
+    if "RANK" in os.environ:  # launched by torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and dist.is_initialized():
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(cfg.device)
+    if cfg.compile is None:
+        cfg.compile = cfg.device.startswith("cuda")
+    run_config = {**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)}
+    if rank == 0:
+        print(json.dumps(run_config, indent=1))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(run_config, f, indent=1)
+    target, get_batch, truth = models.build(tcfg, cfg)
+    metrics = train(cfg, target, get_batch, truth, run_config)
+    if rank == 0:
+        print("final: " + json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
