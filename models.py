@@ -53,8 +53,9 @@ class TMS(nn.Module):
     def __init__(self, n_features, n_hidden, identity_layer=False, zero_bias=False):
         super().__init__()
         self.linear1 = nn.Linear(n_features, n_hidden, bias=False)
-        self.hidden = nn.Linear(n_hidden, n_hidden, bias=False) if identity_layer else None
         self.linear2 = nn.Linear(n_hidden, n_features, bias=True)
+        # made last so that -id targets start from the same random init as their plain twins
+        self.hidden = nn.Linear(n_hidden, n_hidden, bias=False) if identity_layer else None
         if identity_layer:
             nn.init.eye_(self.hidden.weight)
             self.hidden.weight.requires_grad_(False)  # frozen: the decomposition must find it anyway

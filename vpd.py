@@ -641,9 +641,8 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     adversary = Adversary()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and device.type == "cuda"
                 else nullcontext())
-    ci_fn, recon = dec.causal_importance, dec.masked
-    if cfg.compile:
-        ci_fn, recon = torch.compile(ci_fn), torch.compile(recon)
+    if cfg.compile:  # in place: state-dict keys stay the same
+        dec.ci_fn.compile()
 
     start = 0
     if cfg.init_from == "resume":
@@ -711,7 +710,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         with autocast:
             with torch.no_grad():
                 target_out = dec(x)
-            ci_lower, ci_upper = ci_fn()
+            ci_lower, ci_upper = dec.causal_importance()
         deltas = dec.deltas()
         # 3: the persistent adversary's inner ascent steps (gradients w.r.t. the sources only)
         if cfg.adv_coeff:
@@ -720,7 +719,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
             for _ in range(cfg.adv_steps):
                 sources = adversary.leaves(ci_lower)
                 with autocast:
-                    loss = recon_loss(recon(x, source_masks(ci_fixed, sources), fixed_deltas), target_out,
+                    loss = recon_loss(dec.masked(x, source_masks(ci_fixed, sources), fixed_deltas), target_out,
                                       cfg.recon_loss)
                 adversary.ascend(dict(zip(sources, torch.autograd.grad(loss, list(sources.values())))), adv_lr)
         # 4-5: the losses; their weighted sum in fp32
@@ -819,7 +818,7 @@ def configure(argv: list, *configs):
         else:
             if not os.path.exists(arg):
                 raise SystemExit(f"config file {arg!r} does not exist")
-            namespace = {}
+            namespace = {"__file__": arg}  # a config may exec() another one next to it
             exec(compile(open(arg).read(), arg, "exec"), namespace)
             for key, value in namespace.items():
                 if not key.startswith("_") and not type(value).__name__ == "module":
