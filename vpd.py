@@ -636,7 +636,8 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     torch.manual_seed(cfg.seed)
     dec = Decomposition(target, cfg)
     device = dec.target_device()
-    params = [p for c in dec.comps.values() for p in (c.V, c.U)] + list(dec.ci_fn.parameters())
+    vu = [p for c in dec.comps.values() for p in (c.V, c.U)]
+    params = vu + list(dec.ci_fn.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     adversary = Adversary()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and device.type == "cuda"
@@ -671,8 +672,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     else:
         if master and os.path.exists(metrics_path):
             os.remove(metrics_path)
-        warm = torch.optim.AdamW([p for c in dec.comps.values() for p in (c.V, c.U)], lr=cfg.faith_warmup_lr,
-                                 weight_decay=0)
+        warm = torch.optim.AdamW(vu, lr=cfg.faith_warmup_lr, weight_decay=0)
         for _ in range(cfg.faith_warmup_steps):  # faithfulness warm-up: start from (V U)^T ≈ W
             warm.zero_grad(set_to_none=True)
             faithfulness_loss(dec.deltas()).backward()
@@ -744,7 +744,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
                 dist.all_reduce(prm.grad)
                 prm.grad /= world_size()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for c in dec.comps.values() for p in (c.V, c.U)], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(vu, cfg.grad_clip)
         opt.step()
         # 8: the adversary's outer step, with the gradient the main backward left on the sources
         if cfg.adv_coeff:
