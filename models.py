@@ -1,30 +1,39 @@
 """
 models.py: the targets that vpd.py decomposes, their data, and their training.
 
-    python models.py configs/tms_5_2.py        # train and save the TMS 5-2 target
-    python models.py configs/resid_mlp1.py
+    python models.py configs/tms_5_2.py          # train and save the TMS 5-2 target
+    python models.py configs/fortunes_target.py  # train the small offline language model
 
 Toy models (METHOD.md §7), whose correct decomposition is known:
 - TMS n-m, the toy model of superposition: x̂ = ReLU(W^T W x + b), tied weights, optionally with a
   frozen identity layer between the two matrices;
 - the residual MLP ("compressed computation"): 100 sparse features embedded in a 1000-dim residual
   stream, 1-3 residual ReLU MLPs trained to add ReLU(x) to it.
+
+Language models (METHOD.md §8): LlamaSimpleMLP, with Goodfire's module paths so that their pretrained
+state dicts load with strict=True; token data from random tokens, uint16 memmaps made by
+data/*/prepare.py, or a Hugging Face dataset with an `input_ids` column, streamed and sharded by rank.
 """
+import itertools
 import math
 import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vpd import rope
+
 
 @dataclass
 class TargetConfig:
-    model: str = "tms"               # "tms" or "resid_mlp"
-    target_path: str = ""            # state dict; "" means out_dir/target.pt. Trained when missing
+    model: str = "tms"               # "tms", "resid_mlp" or "llama_simple_mlp"
+    target_path: str = ""            # state dict; "" means out_dir/target.pt. Trained when missing.
+                                     # "wandb:entity/project/runs/id": a W&B run's latest model_step_*.pt
     target_seed: int = 0
     # toy models
     n_features: int = 5
@@ -32,15 +41,25 @@ class TargetConfig:
     n_hidden: int = 2                # TMS bottleneck width m
     identity_layer: bool = False     # TMS-id: a frozen m x m identity between the two matrices
     zero_bias: bool = False          # TMS output bias starts at zero (40-10) instead of nn.Linear's init
-    n_layers: int = 1                # residual MLP
+    n_layers: int = 1                # residual MLP and language model
     d_embed: int = 1000
-    d_mlp: int = 50                  # neurons per residual MLP layer
+    d_mlp: int = 50                  # neurons per MLP layer
+    # language models
+    d_model: int = 768
+    n_heads: int = 6
+    vocab_size: int = 50277
+    seq_len: int = 512
+    dataset: str = "random"          # "random" tokens, a directory with train.bin / val.bin
+                                     # (data/*/prepare.py), or a Hugging Face dataset with `input_ids`
+    train_split: str = "train"
+    val_split: str = "val"
     # target training
     target_steps: int = 10_000
     target_batch_size: int = 1024
     target_lr: float = 5e-3
     target_weight_decay: float = 0.01
-    target_schedule: str = "constant"  # or "cosine"
+    target_schedule: str = "constant"  # or "cosine" (to 0.1x for language models, after the warm-up)
+    target_warmup: int = 0
 
 
 # -----------------------------------------------------------------------------
@@ -89,12 +108,127 @@ class ResidualMLP(nn.Module):
         return resid @ self.W_E.T                                   # [B, n_features]
 
 
-def build_toy(tcfg: TargetConfig) -> nn.Module:
+# -----------------------------------------------------------------------------
+# Language model: LlamaSimpleMLP (METHOD.md §8). Module paths match Goodfire's checkpoints.
+
+class Attention(nn.Module):
+    def __init__(self, d_model, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d_model, d_model, bias=False)
+                                                              for _ in range(4))
+
+    def forward(self, x):  # [B, T, d]
+        B, T, d = x.shape
+        q, k, v = (proj(x).view(B, T, self.n_heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)  # [B, H, T, D]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model, d_mlp):
+        super().__init__()
+        self.c_fc, self.down_proj = nn.Linear(d_model, d_mlp, bias=False), nn.Linear(d_mlp, d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, d_model, n_heads, d_mlp):
+        super().__init__()
+        self.rms_1, self.attn = nn.RMSNorm(d_model, eps=1e-6), Attention(d_model, n_heads)
+        self.rms_2, self.mlp = nn.RMSNorm(d_model, eps=1e-6), MLP(d_model, d_mlp)
+
+    def forward(self, x):
+        x = x + self.attn(self.rms_1(x))
+        return x + self.mlp(self.rms_2(x))
+
+
+class LlamaSimpleMLP(nn.Module):
+    """Pre-norm decoder: RoPE attention over whole heads, GELU (tanh) MLP, RMSNorm, no biases, tied
+    embedding and unembedding. tokens [B, T] -> logits [B, T, vocab]."""
+
+    def __init__(self, vocab_size, d_model, n_layers, n_heads, d_mlp):
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, d_model)
+        self.h = nn.ModuleList(LlamaBlock(d_model, n_heads, d_mlp) for _ in range(n_layers))
+        self.ln_f = nn.RMSNorm(d_model, eps=1e-6)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # tied (the state dict still lists both names)
+        for name, p in self.named_parameters():  # GPT-2 init; residual-stream writers scaled down
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+
+    def forward(self, tokens):
+        x = self.wte(tokens)                                        # [B, T, d]
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))                           # [B, T, vocab]
+
+
+def token_batches(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", rank=0, world=1):
+    """get_batch(split, step) -> (tokens [B, T], next-token labels [B, T]; -1 where unknown).
+    "random": uniform random tokens. A directory: nanoGPT-style uint16 memmaps train.bin / val.bin,
+    random windows. Else a Hugging Face dataset of pre-tokenized rows (`input_ids`), streamed, with
+    each rank reading its own shard. Batches depend only on (seed, split, step, rank)."""
+    T = tcfg.seq_len
+
+    def to_device(rows):  # rows [B, >= T] int64
+        x = rows[:, :T]
+        y = torch.full_like(x, -1)
+        y[:, :rows.shape[1] - 1] = rows[:, 1:T + 1]
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def generator(split, step):
+        return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + step * 2 + (split == "val") + 1)
+
+    if tcfg.dataset == "random":
+        return lambda split, step: to_device(torch.randint(tcfg.vocab_size, (batch_size, T + 1), generator=generator(split, step)))
+
+    if os.path.isdir(tcfg.dataset) and os.path.exists(os.path.join(tcfg.dataset, "train.bin")):
+        def get_batch(split, step):
+            path = os.path.join(tcfg.dataset, f"{split}.bin")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} is missing: run the prepare.py of {tcfg.dataset}")
+            data = np.memmap(path, dtype=np.uint16, mode="r")  # re-opened per batch, as nanoGPT (no leak)
+            starts = torch.randint(len(data) - T - 1, (batch_size,), generator=generator(split, step))
+            return to_device(torch.stack([torch.from_numpy(data[i:i + T + 1].astype(np.int64)) for i in starts.tolist()]))
+        return get_batch
+
+    import datasets  # streamed rows; a resumed or evaluating reader skips to the rows of its step
+    from datasets.distributed import split_dataset_by_node
+    streams = {}
+
+    def get_batch(split, step):
+        name = tcfg.train_split if split == "train" else tcfg.val_split
+        if streams.get(split, (None,))[0] != step:
+            try:
+                ds = datasets.load_dataset(tcfg.dataset, split=name, streaming=True)
+            except Exception as e:
+                raise RuntimeError(f"cannot open dataset {tcfg.dataset!r} split {name!r}: {e}") from e
+            if "input_ids" not in (ds.column_names or ["input_ids"]):
+                raise ValueError(f"dataset {tcfg.dataset!r} has no `input_ids` column (columns: {ds.column_names})")
+            ds = split_dataset_by_node(ds, rank, world).skip(step * batch_size)
+            streams[split] = (step, iter(ds))
+        it = streams[split][1]
+        rows = [row["input_ids"][:T + 1] for row in itertools.islice(it, batch_size)]
+        if len(rows) < batch_size or min(map(len, rows)) < 2:
+            raise ValueError(f"dataset {tcfg.dataset!r} split {name!r} ran out of rows at step {step}")
+        streams[split] = (step + 1, it)
+        return to_device(torch.tensor([r + [0] * (T + 1 - len(r)) for r in rows])[:, :max(map(len, rows))])
+    return get_batch
+
+
+def build_model(tcfg: TargetConfig) -> nn.Module:
     if tcfg.model == "tms":
         return TMS(tcfg.n_features, tcfg.n_hidden, tcfg.identity_layer, tcfg.zero_bias)
     if tcfg.model == "resid_mlp":
         return ResidualMLP(tcfg.n_features, tcfg.d_embed, tcfg.n_layers, tcfg.d_mlp)
-    raise ValueError(f"model must be 'tms' or 'resid_mlp', got {tcfg.model!r}")
+    if tcfg.model == "llama_simple_mlp":
+        return LlamaSimpleMLP(tcfg.vocab_size, tcfg.d_model, tcfg.n_layers, tcfg.n_heads, tcfg.d_mlp)
+    raise ValueError(f"model must be 'tms', 'resid_mlp' or 'llama_simple_mlp', got {tcfg.model!r}")
 
 
 def sparse_features(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", rank: int = 0):
@@ -132,36 +266,87 @@ def toy_truth(tcfg: TargetConfig, model: nn.Module, device) -> dict:
     return {"probes": probes, "patterns": patterns}
 
 
-def train_target(tcfg: TargetConfig, path: str, device="cpu") -> nn.Module:
-    """Train a toy target (AdamW, MSE to its label) and save its state dict at `path`."""
+def target_lr_at(tcfg: TargetConfig, step: int) -> float:
+    if step < tcfg.target_warmup:
+        return tcfg.target_lr * (step + 1) / tcfg.target_warmup
+    if tcfg.target_schedule == "constant":
+        return tcfg.target_lr
+    final = 0.1 if tcfg.model == "llama_simple_mlp" else 0.0
+    progress = (step - tcfg.target_warmup) / max(1, tcfg.target_steps - tcfg.target_warmup)
+    return tcfg.target_lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_target(tcfg: TargetConfig, path: str, device="cpu", dtype="float32", compile=False) -> nn.Module:
+    """Train a target and save its state dict at `path` (atomically). Toys: MSE to their label. Language
+    models: next-token cross-entropy, weight decay on matrices only, gradient clipping at 1, bf16
+    autocast and torch.compile when asked (CUDA)."""
     torch.manual_seed(tcfg.target_seed)
-    model = build_toy(tcfg).to(device)
-    tied = isinstance(model, TMS)
+    model = build_model(tcfg).to(device)
+    lm, tied = tcfg.model == "llama_simple_mlp", isinstance(model, TMS)
     params = [p for n, p in model.named_parameters() if p.requires_grad and not (tied and n == "linear2.weight")]
-    opt = torch.optim.AdamW(params, lr=tcfg.target_lr, weight_decay=tcfg.target_weight_decay)
-    get_batch = sparse_features(tcfg, tcfg.target_batch_size, tcfg.target_seed + 1, device)
+    wd = tcfg.target_weight_decay
+    groups = ([{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
+               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}] if lm else params)
+    opt = torch.optim.AdamW(groups, lr=tcfg.target_lr, weight_decay=wd)
+    if lm:
+        get_batch = token_batches(tcfg, tcfg.target_batch_size, tcfg.target_seed + 1, device)
+    else:
+        get_batch = sparse_features(tcfg, tcfg.target_batch_size, tcfg.target_seed + 1, device)
+    forward = torch.compile(model) if compile else model
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=dtype == "bfloat16" and str(device).startswith("cuda"))
+
+    def loss_of(x, y):
+        with autocast:
+            if lm:
+                return F.cross_entropy(forward(x).float().flatten(0, 1), y.flatten(), ignore_index=-1)
+            # TMS ties the second matrix to the first: linear2.weight = linear1.weight^T in this forward
+            out = (torch.func.functional_call(model, {"linear2.weight": model.linear1.weight.T}, (x,)) if tied
+                   else model(x))
+            return F.mse_loss(out, toy_label(tcfg, x))
+
     bar = tqdm(range(tcfg.target_steps), desc=f"training target {tcfg.model}", dynamic_ncols=True)
     for step in bar:
-        if tcfg.target_schedule == "cosine":
-            for group in opt.param_groups:
-                group["lr"] = tcfg.target_lr * 0.5 * (1 + math.cos(math.pi * step / tcfg.target_steps))
-        x, _ = get_batch("train", step)
-        # TMS ties the second matrix to the first: linear2.weight = linear1.weight^T in this forward
-        out = (torch.func.functional_call(model, {"linear2.weight": model.linear1.weight.T}, (x,)) if tied
-               else model(x))
-        loss = F.mse_loss(out, toy_label(tcfg, x))
+        for group in opt.param_groups:
+            group["lr"] = target_lr_at(tcfg, step)
+        loss = loss_of(*get_batch("train", step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if lm:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 500 == 0 or step == tcfg.target_steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3e}")
+        if step % 100 == 0 or step == tcfg.target_steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.4g}")
     if tied:
         model.linear2.weight.data.copy_(model.linear1.weight.data.T)
+    if lm:
+        with torch.no_grad():
+            val = sum(loss_of(*get_batch("val", i)).item() for i in range(10)) / 10
+        print(f"target validation cross-entropy {val:.4f} nats (10 batches)")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(model.state_dict(), path + ".tmp")
     os.replace(path + ".tmp", path)
-    print(f"saved target to {path} (final train loss {loss.item():.4e})")
+    print(f"saved target to {path}" + (f" (final train loss {loss.item():.4e})" if tcfg.target_steps else ""))
     return model
+
+
+def download_wandb_target(run_path: str, out_dir="out/targets") -> str:
+    """The latest model_step_*.pt of a W&B run ("wandb:entity/project/runs/id"), downloaded once."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit(f"target_path={run_path!r} needs wandb: `pip install wandb` and `wandb login` (or set "
+                         "WANDB_API_KEY), or download the state dict yourself and pass its file as target_path")
+    entity, project, *_, run_id = run_path.removeprefix("wandb:").split("/")
+    try:
+        files = [f for f in wandb.Api().run(f"{entity}/{project}/{run_id}").files() if f.name.startswith("model_step_")]
+    except Exception as e:
+        raise SystemExit(f"cannot read W&B run {run_path!r} ({e}); check `wandb login` / WANDB_API_KEY and the path")
+    if not files:
+        raise SystemExit(f"W&B run {run_path!r} has no model_step_*.pt file")
+    latest = max(files, key=lambda f: int(f.name.removeprefix("model_step_").removesuffix(".pt")))
+    root = os.path.join(out_dir, f"{project}-{run_id}")
+    latest.download(root=root, exist_ok=True)
+    return os.path.join(root, latest.name)
 
 
 def build(tcfg: TargetConfig, cfg):
@@ -169,15 +354,20 @@ def build(tcfg: TargetConfig, cfg):
     dict is missing."""
     device = cfg.device
     path = tcfg.target_path or os.path.join(cfg.out_dir, "target.pt")
+    if path.startswith("wandb:"):
+        path = download_wandb_target(path)
     if not os.path.exists(path):
         print(f"target {path} not found: training it first (python models.py with this config does the same)")
-        train_target(tcfg, path, device)
-    model = build_toy(tcfg).to(device)
+        train_target(tcfg, path, device, cfg.dtype, cfg.compile)
+    model = build_model(tcfg).to(device)
     try:
-        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True), strict=True)
     except Exception as e:
         raise RuntimeError(f"cannot load the target state dict {path}: {e}") from e
-    rank = int(os.environ.get("RANK", 0))
+    model.eval()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if tcfg.model == "llama_simple_mlp":
+        return model, token_batches(tcfg, cfg.batch_size, cfg.seed, device, rank, world), None
     return model, sparse_features(tcfg, cfg.batch_size, cfg.seed, device, rank), toy_truth(tcfg, model, device)
 
 
@@ -186,4 +376,5 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     cfg, tcfg = vpd.configure(argv, vpd.Config(), TargetConfig())
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
-    train_target(tcfg, tcfg.target_path or os.path.join(cfg.out_dir, "target.pt"), device)
+    compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
+    train_target(tcfg, tcfg.target_path or os.path.join(cfg.out_dir, "target.pt"), device, cfg.dtype, compile)

@@ -35,20 +35,20 @@ def ones_masks(dec, x, delta=1.0):
 # -- §4 losses against hand-computed values ---------------------------------------------------------
 
 def test_importance_minimality_hand_values():
-    g = {"m": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}  # two positions, two subcomponents
+    g = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # two positions, two subcomponents
     # s = [4, 6], mean = [2, 3]
     assert vpd.importance_minimality_loss(g, p=1.0, beta=0.0).item() == pytest.approx(5.0)
     expected = 2 * (1 + math.log2(5)) + 3 * (1 + math.log2(7))
     assert vpd.importance_minimality_loss(g, p=1.0, beta=1.0).item() == pytest.approx(expected, rel=1e-6)
     # p = 2: s = [1 + 9, 4 + 16] = [10, 20], mean = [5, 10]; two matrices add up
-    two = {"a": g["m"], "b": torch.tensor([[0.5], [0.0]])}
+    two = torch.cat([g, torch.tensor([[0.5], [0.0]])], -1)  # a second matrix with one subcomponent
     assert vpd.importance_minimality_loss(two, p=2.0, beta=0.0).item() == pytest.approx(15 + 0.125)
 
 
 def test_importance_minimality_positions_are_all_leading_dims():
     g = torch.rand(3, 5, 4)
-    flat = {"m": g.reshape(15, 4)}
-    assert vpd.importance_minimality_loss({"m": g}, 2.0, 0.5).item() == pytest.approx(
+    flat = g.reshape(15, 4)
+    assert vpd.importance_minimality_loss(g, 2.0, 0.5).item() == pytest.approx(
         vpd.importance_minimality_loss(flat, 2.0, 0.5).item())
 
 
@@ -102,13 +102,28 @@ def test_routing_reproduces_target_where_unrouted():
     x = torch.randn(6, 4)
     dec, _ = decomposition(model)
     dec(x)
-    masks = {n: (torch.rand(6, c.V.shape[1]), torch.rand(6)) for n, c in dec.comps.items()}
+    ci, source = torch.rand(6, 12), torch.rand(6, 12 + 2)
     routed = torch.zeros(6, 2, dtype=torch.bool)
     routed[:3, 0] = True  # positions 0-2 route the first matrix only
-    out = dec.masked(x, vpd.route(masks, routed), dec.deltas())
+    out = dec.masked(x, dec.masks(ci, source, routed), dec.deltas())
     torch.testing.assert_close(out[3:], model(x)[3:], atol=1e-5, rtol=1e-5)
+    masks = dec.masks(ci, source)
     only_first = dec.masked(x[:3], {"0": (masks["0"][0][:3], masks["0"][1][:3])}, dec.deltas())
     torch.testing.assert_close(out[:3], only_first, atol=1e-5, rtol=1e-5)
+
+
+def test_masks_from_ci_and_source():
+    dec, _ = decomposition()  # matrices "0" (C 5) and "2" (C 7)
+    ci, source = torch.rand(4, 12), torch.rand(4, 14)
+    masks = dec.masks(ci, source)
+    torch.testing.assert_close(masks["0"][0], ci[:, :5] + (1 - ci[:, :5]) * source[:, :5])
+    torch.testing.assert_close(masks["2"][0], ci[:, 5:] + (1 - ci[:, 5:]) * source[:, 5:12])
+    torch.testing.assert_close(masks["0"][1], source[:, 12])  # δ: one channel per matrix, at the end
+    torch.testing.assert_close(masks["2"][1], source[:, 13])
+    routed = torch.tensor([[True, False]] * 4)
+    masks = dec.masks(ci, source, routed)
+    assert (masks["2"][0] == 1).all() and (masks["2"][1] == 1).all()
+    torch.testing.assert_close(masks["0"][0], ci[:, :5] + (1 - ci[:, :5]) * source[:, :5])
 
 
 def test_uniform_k_subset_inclusion_probability():
@@ -163,15 +178,16 @@ def test_ci_functions_shapes():
     dec, _ = decomposition()
     dec(torch.randn(8, 4))
     lower, upper = dec.causal_importance()
-    assert {n: v.shape for n, v in lower.items()} == {"0": (8, 5), "2": (8, 7)}
-    assert all(((v >= 0) & (v <= 1)).all() for v in lower.values())
+    assert {n: v.shape for n, v in dec.split(lower).items()} == {"0": (8, 5), "2": (8, 7)}
+    assert lower.shape == upper.shape == (8, 12) and ((lower >= 0) & (lower <= 1)).all()
+    torch.testing.assert_close(lower, upper.clamp(max=1))
     cfg = vpd.Config(modules={"0": 5, "2": 7}, ci_fn="transformer", ci_d_model=16, ci_n_blocks=1, ci_n_heads=2,
                      ci_d_mlp=32)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     dec = vpd.Decomposition(model, cfg)
     dec(torch.randn(2, 3, 4))  # [B, T, d]: the transformer mixes positions
     lower, _ = dec.causal_importance()
-    assert {n: v.shape for n, v in lower.items()} == {"0": (2, 3, 5), "2": (2, 3, 7)}
+    assert {n: v.shape for n, v in dec.split(lower).items()} == {"0": (2, 3, 5), "2": (2, 3, 7)}
 
 
 # -- §4 the adversaries -------------------------------------------------------------------------------
@@ -181,18 +197,18 @@ def test_persistent_adversary_ascent_raises_loss_and_stays_in_unit_box():
     x = torch.randn(64, 4)
     with torch.no_grad():
         target_out = dec(x)
-        ci = {n: torch.full((64, c.V.shape[1]), 0.3) for n, c in dec.comps.items()}
+        ci = torch.full((64, 12), 0.3)
     deltas = {n: d.detach() for n, d in dec.deltas().items()}
     adversary = vpd.Adversary()
     losses = []
     for _ in range(30):
-        sources = adversary.leaves(ci)
+        sources = adversary.leaves((64, 12 + 2), "cpu")
         loss = vpd.adversarial_recon_loss(dec, x, target_out, ci, sources, deltas, cfg)
         losses.append(loss.item())
-        adversary.ascend(dict(zip(sources, torch.autograd.grad(loss, list(sources.values())))), lr=0.05)
-        assert all(((s >= 0) & (s <= 1)).all() for s in adversary.sources.values())
+        adversary.ascend(torch.autograd.grad(loss, [sources])[0], lr=0.05)
+        assert ((adversary.sources >= 0) & (adversary.sources <= 1)).all()
     assert losses[-1] > 1.5 * losses[0]
-    assert adversary.sources["0"].shape == (64, 6)  # C + 1: the last channel masks Δ
+    assert adversary.sources.shape == (64, 14)  # ΣC mask channels, then one δ channel per matrix
 
 
 def test_eval_adversary_shared_source_raises_loss():
@@ -200,7 +216,7 @@ def test_eval_adversary_shared_source_raises_loss():
     x = torch.randn(32, 4)
     with torch.no_grad():
         target_out = dec(x)
-    ci = {n: torch.full((32, c.V.shape[1]), 0.5) for n, c in dec.comps.items()}
+    ci = torch.full((32, 12), 0.5)
     found = vpd.eval_adversary(dec, x, target_out, ci, dec.deltas(), cfg, [0, 5, 20])
     assert found[20] > found[0] and found[5] >= found[0] * 0.99
 
@@ -270,7 +286,7 @@ def toy_run(tmp_path, **overrides):
     target_path = tmp_path / "target.pt"
     if not target_path.exists():
         models.train_target(tcfg, str(target_path))
-    model = models.build_toy(tcfg)
+    model = models.build_model(tcfg)
     model.load_state_dict(torch.load(target_path, weights_only=True))
     return cfg, tcfg, model
 
@@ -289,7 +305,7 @@ def test_checkpoint_contents_and_resume_equality(tmp_path, monkeypatch):
     assert ckpt["step"] == 20 and ckpt["config"]["steps"] == 20
     assert ckpt["components"]["linear1"]["V"].shape == (5, 20) and ckpt["components"]["linear1"]["U"].shape == (20, 2)
     assert set(ckpt["target"]) == {"linear1.weight", "linear2.weight", "linear2.bias"}
-    assert ckpt["adversary"]["sources"]["linear2"].shape == (64, 21)
+    assert ckpt["adversary"]["sources"].shape == (64, 20 + 20 + 2)
 
     # the same run, crashing at step 15 (after the checkpoint at 10), then resumed
     cfg2, _, model2 = toy_run(tmp_path, out_dir=str(tmp_path / "crash"))
@@ -341,3 +357,222 @@ def test_short_run_recovers_tms_5_2(tmp_path):
     assert metrics["ci_error/total"] == 0
     assert metrics["alive/linear1"] == 5 and metrics["alive/linear2"] == 5
     assert os.path.exists(tmp_path / "ci_probes.png") and os.path.exists(tmp_path / "features.png")
+
+
+# -- language models (METHOD.md §8) ------------------------------------------------------------------
+
+LM_MODULES = {"h.*.attn.q_proj": 4, "h.*.attn.k_proj": 4, "h.*.attn.v_proj": 4, "h.*.attn.o_proj": 4,
+              "h.*.mlp.c_fc": 6, "h.*.mlp.down_proj": 6}
+
+
+def tiny_lm(**target):
+    tcfg = models.TargetConfig(model="llama_simple_mlp", vocab_size=32, d_model=16, n_heads=2, d_mlp=32,
+                               n_layers=2, seq_len=8, **target)
+    torch.manual_seed(0)
+    return models.build_model(tcfg), tcfg
+
+
+def lm_config(**overrides):
+    base = dict(modules=LM_MODULES, ci_fn="transformer", ci_d_model=16, ci_n_blocks=1, ci_n_heads=2, ci_d_mlp=32,
+                recon_loss="kl", beta=0.5, faith_coeff=1e3, imp_coeff=1e-3, p_start=2.0, p_end=0.4,
+                stoch_coeff=0.5, adv_coeff=0.5, ci_threshold=0.0)
+    return vpd.Config(**{**base, **overrides})
+
+
+def reference_llama_logits(sd, tokens, n_heads):
+    """LlamaSimpleMLP written out independently from Goodfire's description: rotate-half RoPE with
+    inverse frequencies base^(-i / (D/2)), causal softmax attention, tanh GELU, RMSNorm eps 1e-6."""
+    def rms(x, w):
+        return w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    x = sd["wte.weight"][tokens]
+    B, T, d = x.shape
+    D = d // n_heads
+    inv = 10000.0 ** (-torch.arange(D // 2) / (D // 2))
+    ang = torch.arange(T)[:, None] * inv.repeat(2)[None]            # [T, D], the frequencies repeated
+    def rot(v):
+        half = torch.cat([-v[..., D // 2:], v[..., :D // 2]], -1)
+        return v * ang.cos() + half * ang.sin()
+    i = 0
+    while f"h.{i}.rms_1.weight" in sd:
+        p = lambda name: sd[f"h.{i}.{name}.weight"]
+        h = rms(x, p("rms_1"))
+        q, k, v = (h @ p(f"attn.{n}_proj").T for n in "qkv")
+        q, k, v = (t.view(B, T, n_heads, D).transpose(1, 2) for t in (q, k, v))
+        att = (rot(q) @ rot(k).transpose(-1, -2)) / math.sqrt(D)
+        att = att.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")).softmax(-1)
+        x = x + (att @ v).transpose(1, 2).reshape(B, T, d) @ p("attn.o_proj").T
+        u = rms(x, p("rms_2")) @ p("mlp.c_fc").T
+        gelu = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
+        x = x + gelu @ p("mlp.down_proj").T
+        i += 1
+    return rms(x, sd["ln_f.weight"]) @ sd["lm_head.weight"].T
+
+
+def test_llama_loads_goodfire_key_names_and_matches_reference():
+    model, tcfg = tiny_lm()
+    names = ["wte.weight", "ln_f.weight", "lm_head.weight"] + [
+        f"h.{i}.{n}.weight" for i in range(2) for n in
+        ("rms_1", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "rms_2", "mlp.c_fc", "mlp.down_proj")]
+    assert sorted(model.state_dict()) == sorted(names)
+    g = torch.Generator().manual_seed(1)
+    sd = {n: torch.randn(model.state_dict()[n].shape, generator=g) * 0.3 for n in names}
+    sd["wte.weight"] = sd["lm_head.weight"]  # tied in Goodfire's checkpoints too
+    model.load_state_dict(sd, strict=True)
+    assert model.wte.weight is model.lm_head.weight
+    tokens = torch.randint(32, (3, 8), generator=g)
+    torch.testing.assert_close(model(tokens), reference_llama_logits(sd, tokens, n_heads=2), atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        model.load_state_dict({**sd, "h.0.attn.c_attn.weight": torch.zeros(1)}, strict=True)
+
+
+def test_token_batches_random_memmap_and_datasets_fixture(tmp_path):
+    import numpy as np
+    _, tcfg = tiny_lm()
+    x, y = models.token_batches(tcfg, 4, seed=0)("train", 3)
+    assert x.shape == y.shape == (4, 8) and (y[:, :-1] == x[:, 1:]).all()
+    # nanoGPT-style memmaps
+    (tmp_path / "bin").mkdir()
+    np.arange(1000, dtype=np.uint16).tofile(tmp_path / "bin" / "train.bin")
+    np.arange(1000, dtype=np.uint16).tofile(tmp_path / "bin" / "val.bin")
+    get = models.token_batches(dataclasses_replace(tcfg, dataset=str(tmp_path / "bin")), 4, seed=0)
+    x, y = get("train", 5)
+    assert (y == x + 1).all() and (x[:, 1:] == x[:, :-1] + 1).all()  # windows of consecutive tokens
+    torch.testing.assert_close(get("train", 5)[0], x)                  # a function of the step
+    # a local Hugging Face-style dataset with the Pile's schema: rows of `input_ids`
+    ds = tmp_path / "pile"
+    ds.mkdir()
+    for split, offset in (("train", 0), ("validation", 10_000)):
+        with open(ds / f"{split}.jsonl", "w") as f:
+            for r in range(20):
+                f.write(json.dumps({"input_ids": list(range(offset + 100 * r, offset + 100 * r + 12))}) + "\n")
+    tcfg_ds = dataclasses_replace(tcfg, dataset=str(ds), val_split="validation")
+    get = models.token_batches(tcfg_ds, 2, seed=0)
+    x, y = get("train", 0)
+    assert x.tolist() == [list(range(0, 8)), list(range(100, 108))] and y[0].tolist() == list(range(1, 9))
+    assert get("train", 1)[0][0, 0] == 200 and get("train", 3)[0][0, 0] == 600  # later steps skip ahead
+    assert get("val", 0)[0][0, 0] == 10_000
+    ranks = [models.token_batches(tcfg_ds, 2, seed=0, rank=r, world=2)("train", 0)[0][:, 0].tolist() for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1])  # each rank reads its own shard
+    with pytest.raises(ValueError, match="ran out of rows"):
+        get("train", 10)
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+    return dataclasses.replace(obj, **kw)
+
+
+def test_lm_metrics_on_hand_built_masks():
+    model, tcfg = tiny_lm()
+    reference = copy_of(model)
+    dec = vpd.Decomposition(model, lm_config())
+    x, y = models.token_batches(tcfg, 4, seed=0)("val", 0)
+    with torch.no_grad():
+        target_out = dec(x)
+        ones = {n: (torch.ones(4, 8, c.V.shape[1]), torch.ones(4, 8)) for n, c in dec.comps.items()}
+        out = dec.masked(x, ones, dec.deltas())
+    assert vpd.recon_loss(out, target_out, "kl").item() == pytest.approx(0.0, abs=1e-6)
+    metrics, _ = vpd.evaluate_batch(dec, x, y, lm_config(eval_adv_steps=[0, 5]))
+    with torch.no_grad():  # zero masks with δ = 0: the decomposed matrices contribute nothing
+        for name, mod in reference.named_modules():
+            if any(__import__("fnmatch").fnmatchcase(name, p) for p in LM_MODULES):
+                mod.weight.zero_()
+        zero_ablated = reference(x)
+    assert metrics["ce/zero"] == pytest.approx(vpd.lm_ce(zero_ablated, y), rel=1e-5)
+    assert metrics["ce/target"] == pytest.approx(vpd.lm_ce(target_out, y), rel=1e-6)
+    assert metrics["recon/adv5"] >= metrics["recon/adv0"]
+    assert set(k for k in metrics if k.startswith("l0/")) == {f"l0/{n}" for n in dec.comps}
+
+
+def copy_of(model):
+    import copy
+    return copy.deepcopy(model)
+
+
+def test_lm_run_end_to_end(tmp_path):
+    model, tcfg = tiny_lm()
+    cfg = lm_config(out_dir=str(tmp_path), steps=6, batch_size=4, eval_interval=3, log_interval=3, ckpt_interval=3,
+                    faith_warmup_steps=5, eval_adv_steps=[0, 3])
+    metrics = vpd.train(cfg, model, models.token_batches(tcfg, 4, seed=0))
+    assert metrics["step"] == 6 and metrics["ce/target"] > 0
+    assert {"l0_layer/h.0", "l0_layer/h.1", "ce_unrecovered/ci", "alive/total"} <= set(metrics)
+    assert metrics["l0/total"] == pytest.approx(metrics["l0_layer/h.0"] + metrics["l0_layer/h.1"])
+    assert metrics["ce_unrecovered/zero"] == pytest.approx(1.0)
+
+
+def test_memory_plan_stops_a_run_that_cannot_fit():
+    model, tcfg = tiny_lm()
+    cfg = lm_config(batch_size=4)
+    dec = vpd.Decomposition(model, cfg)
+    x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
+    plan = vpd.memory_plan(dec, cfg, x)
+    ssc = sum(LM_MODULES.values()) * 2  # 2 layers
+    assert plan["adversary sources and moments"] == 12 * 4 * 8 * (ssc + 12)
+    assert plan["total"] == sum(v for k, v in plan.items() if k != "total")
+    vpd.check_memory(plan, torch.device("cpu"), 4)  # tiny: fits
+    with pytest.raises(SystemExit, match="lower batch_size"):
+        vpd.check_memory({**plan, "activations (estimate)": 2**50, "total": 2**50}, torch.device("cpu"), 4)
+
+
+def _ddp_step(rank, world, init_file, out_file):
+    """One training step's losses and synchronised gradients on this process's half of a batch. The
+    random draws are replaced by a constant so that 1 and 2 processes see the same masks."""
+    import torch.distributed as dist
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    real_rand = torch.rand
+    torch.rand = lambda *size, **kw: torch.full(size[0] if len(size) == 1 and not isinstance(size[0], int) else size,
+                                                0.5, device=kw.get("device"))
+    try:
+        model, tcfg = tiny_lm()
+        cfg = lm_config(routing="all")
+        torch.manual_seed(0)
+        dec = vpd.Decomposition(model, cfg)
+        x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
+        x = x[rank * 4 // world:(rank + 1) * 4 // world]
+        losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, p=1.5, adv_lr=0.01)
+        total = sum(losses.values())
+        total.backward()
+        params = [p for p in dec.parameters() if p.requires_grad]
+        vpd.sync_gradients(params)
+        if world > 1:
+            dist.all_reduce(total.detach_())
+            total /= world
+        if rank == 0:
+            torch.save({"total": total, "grads": [p.grad for p in params]}, out_file)
+    finally:
+        torch.rand = real_rand
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_two_process_gloo_equals_one_process_on_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+    _ddp_step(0, 1, None, tmp_path / "one.pt")
+    mp.spawn(_ddp_step, args=(2, str(tmp_path / "init"), tmp_path / "two.pt"), nprocs=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert two["total"].item() == pytest.approx(one["total"].item(), rel=1e-5)
+    for g1, g2 in zip(one["grads"], two["grads"]):
+        torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-4)
+
+
+def test_fortunes_prepare_on_a_fixture(tmp_path):
+    import subprocess, sys
+    import numpy as np
+    root = tmp_path / "fortunes"
+    for sub, text in (("", "Hello world\n%\nA penny saved.\n%\n"), ("de", "Guten Tag\n%\nDas ist gut.\n%\n"),
+                      ("es", "Hola mundo\n%\n"), ("it", "Ciao mondo\n%\n")):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub / "cookies").write_text(text * 5)
+        (root / sub / "cookies.dat").write_bytes(b"\x00binary index")
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "data/fortunes/prepare.py", "--root", str(root), "--out_dir", str(out),
+                    "--vocab_size", "16"], check=True, capture_output=True)
+    meta = json.load(open(out / "meta.json"))
+    assert meta["vocab_size"] == 16 and meta["gpt2_ids"][0] == 50256 and meta["gpt2_ids"][-1] == -1
+    ids = np.fromfile(out / "train.bin", dtype=np.uint16)
+    assert ids.max() < 16 and (ids == 0).sum() > 0  # <|endoftext|> between fortunes
+    sys.path.insert(0, "data/fortunes")
+    import prepare
+    enc = prepare.gpt2_encoding()
+    assert enc.encode("Hello world") == [15496, 995]  # GPT-2's ids, from the hash-checked files

@@ -13,14 +13,18 @@ Sections follow the method (shared/METHOD.md): config, §1-2 components and the 
     python vpd.py                                   # TMS 5-2: trains the toy target, then decomposes it
     python vpd.py configs/resid_mlp1.py --steps=5000
     python vpd.py configs/tms_5_2.py --init_from=resume
+    python vpd.py configs/fortunes.py               # a small language model, offline on a CPU
+    torchrun --standalone --nproc_per_node=8 vpd.py configs/pile4l.py   # the paper's Pile-4L run
 """
 import ast
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -80,7 +84,7 @@ class Config:
     faith_warmup_steps: int = 200    # before the main loop: AdamW on V, U with L_faith only
     faith_warmup_lr: float = 0.01
     # §6 evaluation, logging, checkpoints
-    eval_interval: int = 1000
+    eval_interval: int = 1000        # 0: never evaluate
     eval_batches: int = 1
     eval_adv_steps: list = field(default_factory=lambda: [20])  # report adversarial loss at these steps
     ci_threshold: float = 0.1        # L0 counts CI above this (LM: 0.0)
@@ -114,7 +118,7 @@ class Components(nn.Module):
             self.input = x
             return F.linear(x, self.weight, self.bias)
         m, d, delta = self.mask
-        out = ((x @ self.V) * m) @ self.U + d.unsqueeze(-1) * F.linear(x, delta.to(x.dtype))
+        out = torch.addcmul(((x @ self.V) * m) @ self.U, d.unsqueeze(-1), F.linear(x, delta.to(x.dtype)))
         return out if self.bias is None else out + self.bias
 
 
@@ -137,14 +141,6 @@ def install_components(model: nn.Module, modules: dict) -> dict:
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, comps[path])
     return dict(sorted(comps.items()))
-
-
-def route(masks: dict, routed: torch.Tensor) -> dict:
-    """Apply a routing mask routed [..., M] (one column per matrix, in `masks` order): where a matrix is
-    not routed it gets m = 1 and δ = 1, which is W itself (W = (V U)^T + Δ), so routed and unrouted
-    positions share one computation instead of computing both outputs."""
-    return {n: (torch.where(routed[..., i, None], m, 1.0), torch.where(routed[..., i], d, 1.0))
-            for i, (n, (m, d)) in enumerate(masks.items())}
 
 
 def uniform_k_subset(pos_shape, M: int, device) -> torch.Tensor:
@@ -200,16 +196,19 @@ class SubcomponentMLPs(nn.Module):
     def forward(self, inputs: dict, comps: dict) -> dict:
         h = torch.cat([inputs[n] @ comps[n].V for n in self.Cs], -1)           # [..., ΣC]
         hidden = F.gelu(torch.addcmul(self.b1, h.unsqueeze(-1), self.W1))     # [..., ΣC, H]
-        z = (hidden * self.W2).sum(-1) + self.b2                               # [..., ΣC]
-        return dict(zip(self.Cs, z.split(list(self.Cs.values()), -1)))
+        return (hidden * self.W2).sum(-1) + self.b2                            # [..., ΣC]
+
+
+@functools.lru_cache(maxsize=8)
+def rope_angles(T: int, D: int, base: float, device):
+    freqs = base ** (-torch.arange(D // 2, device=device, dtype=torch.float32) / (D // 2))
+    angles = torch.arange(T, device=device, dtype=torch.float32)[:, None] * freqs  # [T, D/2]
+    return angles.cos(), angles.sin()
 
 
 def rope(x, base=10000.0):
     """Rotary position embedding over the whole head, half-split pairs (i, i + D/2). x [B, H, T, D]."""
-    T, D = x.shape[-2:]
-    freqs = base ** (-torch.arange(D // 2, device=x.device, dtype=torch.float32) / (D // 2))
-    angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freqs  # [T, D/2]
-    cos, sin = angles.cos(), angles.sin()
+    cos, sin = rope_angles(*x.shape[-2:], base, x.device)
     x1, x2 = x.float().chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).type_as(x)
 
@@ -252,7 +251,7 @@ class CITransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         z = self.proj_out(self.norm(x)).float()                                          # [B, T, ΣC]
-        return dict(zip(self.Cs, (z[:, 0] if flat else z).split(list(self.Cs.values()), -1)))
+        return z[:, 0] if flat else z
 
 
 class Decomposition(nn.Module):
@@ -273,6 +272,9 @@ class Decomposition(nn.Module):
         else:
             raise ValueError(f"ci_fn must be 'mlp' or 'transformer', got {cfg.ci_fn!r}")
         self.ci_fn.to(self.target_device())
+        self.Cs = list(Cs.values())
+        # which matrix each subcomponent belongs to: [ΣC] (routing is per matrix)
+        self.matrix_of = torch.repeat_interleave(torch.arange(len(Cs)), torch.tensor(self.Cs)).to(self.target_device())
 
     def target_device(self):
         return next(iter(self.comps.values())).weight.device
@@ -280,12 +282,26 @@ class Decomposition(nn.Module):
     def forward(self, x):
         return self.target(x)
 
+    def split(self, t) -> dict:
+        """[..., ΣC], every matrix's subcomponents side by side in sorted path order -> {path: [..., C]}."""
+        return dict(zip(self.comps, t.split(self.Cs, -1)))
+
     def causal_importance(self):
-        """CI from the inputs cached by the last target forward: (lower-leaky for masks, upper-leaky for
-        the minimality loss), each {path: [..., C]}."""
+        """CI from the inputs cached by the last target forward, [..., ΣC]: lower-leaky (for masks) and
+        upper-leaky (for the minimality loss)."""
         z = self.ci_fn({n: c.input for n, c in self.comps.items()}, self.comps)
-        return ({n: LowerLeakyHardSigmoid.apply(v) for n, v in z.items()},
-                {n: upper_leaky_hard_sigmoid(v) for n, v in z.items()})
+        return LowerLeakyHardSigmoid.apply(z), upper_leaky_hard_sigmoid(z)
+
+    def masks(self, ci, source, routed=None) -> dict:
+        """The masks {path: (m [..., C], δ [...])} that CI values ci [..., ΣC] leave to a source [..., ΣC + M]
+        in [0, 1] (random for the stochastic loss, chosen by the adversary for the adversarial one):
+        m = g + (1 - g) s on the first ΣC channels; the last M channels are the matrices' δ. Where
+        routed [..., M] is False a matrix gets m = 1 and δ = 1, which is W itself (W = (V U)^T + Δ), so
+        routed and unrouted positions share one computation instead of computing both outputs."""
+        m, d = ci + (1 - ci) * source[..., :ci.shape[-1]], source[..., ci.shape[-1]:]
+        if routed is not None:
+            m, d = torch.where(routed[..., self.matrix_of], m, 1.0), torch.where(routed, d, 1.0)
+        return {n: (m_n, d[..., i]) for i, (n, m_n) in enumerate(self.split(m).items())}
 
     def deltas(self):
         with torch.autocast(self.target_device().type, enabled=False):  # Δ ≈ 0 needs fp32
@@ -330,17 +346,15 @@ def global_sum(x):
     return _AllReduceSum.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
 
 
-def importance_minimality_loss(ci_upper: dict, p: float, beta: float, eps: float = 1e-12):
-    """Per matrix and subcomponent, s_c = Σ_positions (g + ε)^p and mean_c = s_c / #positions;
-    L_imp = Σ_l Σ_c mean_c (1 + β log2(1 + s_c)). The β term penalises subcomponents that fire often,
-    which splits subcomponents serving unrelated inputs. Under data parallelism s_c inside the log is
-    the global sum over processes, and averaging the processes' gradients gives the exact gradient."""
-    total = 0.0
-    for g in ci_upper.values():
-        s = (g + eps).pow(p).reshape(-1, g.shape[-1]).sum(0)  # [C]
-        mean = s / (g.numel() // g.shape[-1])
-        total = total + (mean * (1 + beta * torch.log2(1 + global_sum(s))) if beta else mean).sum()
-    return total
+def importance_minimality_loss(ci_upper, p: float, beta: float, eps: float = 1e-12):
+    """ci_upper [..., ΣC]: every subcomponent of every matrix side by side. Per subcomponent,
+    s_c = Σ_positions (g + ε)^p and mean_c = s_c / #positions; L_imp = Σ_c mean_c (1 + β log2(1 + s_c)).
+    The β term penalises subcomponents that fire often, which splits subcomponents serving unrelated
+    inputs. Under data parallelism s_c inside the log is the global sum over processes, and averaging
+    the processes' gradients gives the exact gradient."""
+    s = (ci_upper + eps).pow(p).reshape(-1, ci_upper.shape[-1]).sum(0)  # [ΣC]
+    mean = s / (ci_upper.numel() // ci_upper.shape[-1])
+    return (mean * (1 + beta * torch.log2(1 + global_sum(s))) if beta else mean).sum()
 
 
 def recon_loss(out, target_out, kind: str):
@@ -352,59 +366,50 @@ def recon_loss(out, target_out, kind: str):
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-def stochastic_masks(ci_lower: dict) -> dict:
-    """m = g + (1 - g) u with u ~ U(0, 1) per (position, subcomponent); δ ~ U(0, 1) per position."""
-    return {n: (g + (1 - g) * torch.rand_like(g), torch.rand_like(g[..., 0])) for n, g in ci_lower.items()}
-
-
-def stochastic_recon_loss(dec, x, target_out, ci_lower, deltas, cfg):
-    """One mask sample per step. "all": every matrix masked everywhere; "uniform_k_subset" (VPD): a
+def stochastic_recon_loss(dec, x, target_out, ci, deltas, cfg):
+    """Masks m = g + (1 - g) u with u ~ U(0, 1) per (position, subcomponent), δ ~ U(0, 1) per position;
+    one sample per step. Routing "all": every matrix masked everywhere; "uniform_k_subset" (VPD): a
     random k-subset of matrices per position; "layerwise" (SPD): the all-matrices pass plus the mean
     of M passes that mask one matrix at a time."""
-    masks = stochastic_masks(ci_lower)
+    M = len(dec.comps)
+    u = torch.rand(*ci.shape[:-1], ci.shape[-1] + M, device=ci.device)
     if cfg.routing == "all":
-        return recon_loss(dec.masked(x, masks, deltas), target_out, cfg.recon_loss)
+        return recon_loss(dec.masked(x, dec.masks(ci, u), deltas), target_out, cfg.recon_loss)
     if cfg.routing == "uniform_k_subset":
-        pos_shape = next(iter(ci_lower.values())).shape[:-1]
-        masks = route(masks, uniform_k_subset(pos_shape, len(masks), x.device))
+        masks = dec.masks(ci, u, uniform_k_subset(ci.shape[:-1], M, ci.device))
         return recon_loss(dec.masked(x, masks, deltas), target_out, cfg.recon_loss)
     if cfg.routing == "layerwise":
+        masks = dec.masks(ci, u)
         every = recon_loss(dec.masked(x, masks, deltas), target_out, cfg.recon_loss)
         each = [recon_loss(dec.masked(x, {n: masks[n]}, deltas), target_out, cfg.recon_loss) for n in masks]
         return every + sum(each) / len(each)
     raise ValueError(f"routing must be 'all', 'uniform_k_subset' or 'layerwise', got {cfg.routing!r}")
 
 
-def source_masks(ci_lower: dict, sources: dict) -> dict:
-    """Adversarial masks m = g + (1 - g) s, δ = the source's last channel; s [..., C + 1] in [0, 1]."""
-    return {n: (g + (1 - g) * sources[n][..., :-1], sources[n][..., -1]) for n, g in ci_lower.items()}
-
-
 class Adversary:
-    """Persistent PGD: per matrix a source [*positions, C + 1] in [0, 1] (last channel: δ), kept across
-    training steps and moved by projected Adam *ascent* on the reconstruction loss."""
+    """Persistent PGD: a source [*positions, ΣC + M] in [0, 1] (see Decomposition.masks), kept across
+    training steps and moved by projected Adam *ascent* on the reconstruction loss. All matrices share
+    one tensor, so an ascent step is a handful of in-place operations however many matrices."""
 
     def __init__(self, betas=(0.5, 0.99), eps=1e-8):
         self.betas, self.eps = betas, eps
-        self.sources, self.m, self.v, self.t = {}, {}, {}, 0
+        self.sources, self.m, self.v, self.t = None, None, None, 0
 
-    def leaves(self, ci_lower: dict) -> dict:
-        """The sources as fresh leaf tensors that collect gradients (initialised U(0, 1) on first use)."""
-        if not self.sources:
-            for n, g in ci_lower.items():
-                self.sources[n] = torch.rand(*g.shape[:-1], g.shape[-1] + 1, device=g.device)
-                self.m[n], self.v[n] = torch.zeros_like(self.sources[n]), torch.zeros_like(self.sources[n])
-        return {n: s.detach().requires_grad_() for n, s in self.sources.items()}
+    def leaves(self, shape, device):
+        """The sources as a fresh leaf tensor that collects gradients (initialised U(0, 1) on first use)."""
+        if self.sources is None:
+            self.sources = torch.rand(shape, device=device)
+            self.m, self.v = torch.zeros_like(self.sources), torch.zeros_like(self.sources)
+        return self.sources.detach().requires_grad_()
 
     @torch.no_grad()
-    def ascend(self, grads: dict, lr: float):
+    def ascend(self, grad, lr: float):
         self.t += 1
         b1, b2 = self.betas
-        for n, g in grads.items():
-            self.m[n].lerp_(g, 1 - b1)
-            self.v[n].mul_(b2).addcmul_(g, g, value=1 - b2)
-            step = (self.m[n] / (1 - b1 ** self.t)) / ((self.v[n] / (1 - b2 ** self.t)).sqrt() + self.eps)
-            self.sources[n].add_(lr * step).clamp_(0, 1)
+        self.m.lerp_(grad, 1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = self.v.sqrt().div_(math.sqrt(1 - b2 ** self.t)).add_(self.eps)
+        self.sources.addcdiv_(self.m, denom, value=lr / (1 - b1 ** self.t)).clamp_(0, 1)
 
     def state_dict(self):
         return {"sources": self.sources, "m": self.m, "v": self.v, "t": self.t}
@@ -413,35 +418,30 @@ class Adversary:
         self.sources, self.m, self.v, self.t = sd["sources"], sd["m"], sd["v"], sd["t"]
 
 
-def adversarial_recon_loss(dec, x, target_out, ci_lower, sources, deltas, cfg):
-    masks = source_masks(ci_lower, sources)
-    if cfg.adv_routing == "uniform_k_subset":
-        pos_shape = next(iter(ci_lower.values())).shape[:-1]
-        masks = route(masks, uniform_k_subset(pos_shape, len(masks), x.device))
-    elif cfg.adv_routing != "all":
+def adversarial_recon_loss(dec, x, target_out, ci, sources, deltas, cfg):
+    if cfg.adv_routing not in ("all", "uniform_k_subset"):
         raise ValueError(f"adv_routing must be 'all' or 'uniform_k_subset', got {cfg.adv_routing!r}")
-    return recon_loss(dec.masked(x, masks, deltas), target_out, cfg.recon_loss)
+    routed = uniform_k_subset(ci.shape[:-1], len(dec.comps), ci.device) if cfg.adv_routing != "all" else None
+    return recon_loss(dec.masked(x, dec.masks(ci, sources, routed), deltas), target_out, cfg.recon_loss)
 
 
-def eval_adversary(dec, x, target_out, ci_lower, deltas, cfg, milestones, step_size=0.1):
-    """The evaluation adversary: one source [1, ..., 1, C + 1] per matrix shared by the whole batch and
-    all positions (it must find systematic failures, not exploit noise), sign-gradient ascent.
+def eval_adversary(dec, x, target_out, ci, deltas, cfg, milestones, step_size=0.1):
+    """The evaluation adversary: one source [1, ..., 1, ΣC + M] shared by the whole batch and all
+    positions (it must find systematic failures, not exploit noise), sign-gradient ascent.
     Returns {n_steps: loss after n_steps} for each milestone."""
-    ci_lower = {n: g.detach() for n, g in ci_lower.items()}
-    deltas = {n: d.detach() for n, d in deltas.items()}
-    sources = {n: torch.rand(*[1] * (g.dim() - 1), g.shape[-1] + 1, device=g.device) for n, g in ci_lower.items()}
+    ci, deltas = ci.detach(), {n: d.detach() for n, d in deltas.items()}
+    sources = torch.rand(*[1] * (ci.dim() - 1), ci.shape[-1] + len(dec.comps), device=ci.device)
     found = {}
     for i in range(max(milestones) + 1):
-        sources = {n: s.requires_grad_() for n, s in sources.items()}
-        loss = recon_loss(dec.masked(x, source_masks(ci_lower, sources), deltas), target_out, cfg.recon_loss)
+        sources.requires_grad_()
+        loss = recon_loss(dec.masked(x, dec.masks(ci, sources), deltas), target_out, cfg.recon_loss)
         if i in milestones:
             found[i] = loss.item()
         if i == max(milestones):
             break
-        grads = torch.autograd.grad(loss, list(sources.values()))
-        with torch.no_grad():
-            sources = {n: (s + step_size * global_sum(g).sign()).clamp(0, 1)
-                       for (n, s), g in zip(sources.items(), grads)}
+        (grad,) = torch.autograd.grad(loss, [sources])
+        with torch.no_grad():  # the sign of the gradient summed over all processes: one shared source
+            sources = (sources + step_size * global_sum(grad).sign()).clamp(0, 1)
     return found
 
 
@@ -479,64 +479,73 @@ def target_ci_error(ci, pattern, tol=0.1):
 @torch.no_grad()
 def probe_ci(dec, probes):
     dec(probes)
-    return {n: g.cpu() for n, g in dec.causal_importance()[0].items()}
+    return {n: g.cpu() for n, g in dec.split(dec.causal_importance()[0]).items()}
+
+
+def eval_masks(dec, ci, threshold) -> dict:
+    """The six kinds of masks of METHOD.md §6; δ = 0 except for the stochastic ones."""
+    none = torch.zeros(*ci.shape[:-1], ci.shape[-1] + len(dec.comps), device=ci.device)  # m = the CI given, δ = 0
+    return {"ci": dec.masks(ci, none), "ones": dec.masks(torch.ones_like(ci), none),
+            "stoch": dec.masks(ci, torch.rand_like(none)), "random": dec.masks(torch.rand_like(ci), none),
+            "rounded": dec.masks((ci > threshold).float(), none), "zero": dec.masks(torch.zeros_like(ci), none)}
+
+
+def evaluate_batch(dec, x, y, cfg):
+    """Metrics of one batch: reconstruction (and CE for language models) under each kind of mask,
+    hidden-activation MSE, the evaluation adversary, L0. Also returns the batch's CI [..., ΣC]."""
+    with torch.no_grad():
+        target_out = dec(x)
+        target_hidden = {n: F.linear(c.input, c.weight, c.bias) for n, c in dec.comps.items()}
+        ci, _ = dec.causal_importance()
+        deltas = dec.deltas()
+    metrics = {"ce/target": lm_ce(target_out, y)} if y is not None else {}
+    for kind, masks in eval_masks(dec, ci, cfg.ci_threshold).items():
+        hidden = {}
+        hooks = [c.register_forward_hook(lambda mod, inp, out, n=n: hidden.__setitem__(n, out))
+                 for n, c in dec.comps.items()]
+        with torch.no_grad():
+            out = dec.masked(x, masks, deltas)
+        for h in hooks:
+            h.remove()
+        metrics[f"recon/{kind}"] = recon_loss(out, target_out, cfg.recon_loss).item()
+        if y is not None:
+            metrics[f"ce/{kind}"] = lm_ce(out, y)
+        if kind in ("ci", "stoch"):
+            for n in hidden:
+                metrics[f"hidden_mse/{kind}/{n}"] = F.mse_loss(hidden[n].float(), target_hidden[n].float()).item()
+    for steps, loss in eval_adversary(dec, x, target_out, ci, deltas, cfg, cfg.eval_adv_steps).items():
+        metrics[f"recon/adv{steps}"] = loss
+    for n, g in dec.split(ci).items():
+        metrics[f"l0/{n}"] = (g > cfg.ci_threshold).sum(-1).float().mean().item()
+    return metrics, ci
 
 
 def evaluate(dec, get_batch, cfg, truth=None) -> dict:
-    """The metrics of METHOD.md §6 on `cfg.eval_batches` validation batches: reconstruction under six
-    kinds of masks (and CE for language models), the evaluation adversary, L0, alive subcomponents,
-    hidden-activation MSE; for toys, MMCS / ML2R and the target-CI error."""
+    """The metrics of METHOD.md §6 averaged over `cfg.eval_batches` validation batches, with L0 per
+    matrix, layer and in total, alive subcomponents, CE unrecovered (language models), and for toys
+    MMCS / ML2R and the target-CI error."""
     devices = [dec.target_device()] if dec.target_device().type == "cuda" else []
-    sums, ci_mass, n_pos = {}, {}, 0
+    metrics, ci_mass, n_pos = {}, 0, 0
     with torch.random.fork_rng(devices):  # evaluation must not move the training RNG (resume equality)
         torch.manual_seed(cfg.seed + 1)
         for i in range(cfg.eval_batches):
             x, y = get_batch("val", i)
-            with torch.no_grad():
-                target_out = dec(x)
-                target_hidden = {n: F.linear(c.input, c.weight, c.bias) for n, c in dec.comps.items()}
-                ci, _ = dec.causal_importance()
-                deltas = dec.deltas()
-            zero = {n: torch.zeros_like(g[..., 0]) for n, g in ci.items()}
-            mask_kinds = {
-                "ci": {n: (g, zero[n]) for n, g in ci.items()},
-                "ones": {n: (torch.ones_like(g), zero[n]) for n, g in ci.items()},
-                "stoch": stochastic_masks(ci),
-                "random": {n: (torch.rand_like(g), zero[n]) for n, g in ci.items()},
-                "rounded": {n: ((g > cfg.ci_threshold).float(), zero[n]) for n, g in ci.items()},
-                "zero": {n: (torch.zeros_like(g), zero[n]) for n, g in ci.items()},
-            }
-            metrics = {"ce/target": lm_ce(target_out, y)} if y is not None else {}
-            for kind, masks in mask_kinds.items():
-                hidden = {}
-                hooks = [c.register_forward_hook(lambda mod, inp, out, n=n: hidden.__setitem__(n, out))
-                         for n, c in dec.comps.items()]
-                with torch.no_grad():
-                    out = dec.masked(x, masks, deltas)
-                for h in hooks:
-                    h.remove()
-                metrics[f"recon/{kind}"] = recon_loss(out, target_out, cfg.recon_loss).item()
-                if y is not None:
-                    metrics[f"ce/{kind}"] = lm_ce(out, y)
-                if kind in ("ci", "stoch"):
-                    for n in hidden:
-                        metrics[f"hidden_mse/{kind}/{n}"] = F.mse_loss(hidden[n].float(), target_hidden[n].float()).item()
-            for steps, loss in eval_adversary(dec, x, target_out, ci, deltas, cfg, cfg.eval_adv_steps).items():
-                metrics[f"recon/adv{steps}"] = loss
-            for n, g in ci.items():
-                metrics[f"l0/{n}"] = (g > cfg.ci_threshold).sum(-1).float().mean().item()
-                ci_mass[n] = ci_mass.get(n, 0) + g.reshape(-1, g.shape[-1]).sum(0)
-            n_pos += next(iter(ci.values()))[..., 0].numel()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.eval_batches
-    metrics = sums
+            batch, ci = evaluate_batch(dec, x, y, cfg)
+            for k, v in batch.items():
+                metrics[k] = metrics.get(k, 0.0) + v / cfg.eval_batches
+            ci_mass, n_pos = ci_mass + ci.reshape(-1, ci.shape[-1]).sum(0), n_pos + ci[..., 0].numel()
     metrics["l0/total"] = sum(metrics[f"l0/{n}"] for n in dec.comps)
-    if y is not None:
-        for kind in mask_kinds:  # fraction of the zero-ablation CE gap left unrecovered
+    for n in dec.comps:  # per layer: paths such as h.3.attn.q_proj belong to layer h.3
+        layer = re.match(r"(.*?\.\d+)\.", n)
+        if layer:
+            metrics[f"l0_layer/{layer[1]}"] = metrics.get(f"l0_layer/{layer[1]}", 0.0) + metrics[f"l0/{n}"]
+    if "ce/target" in metrics:
+        for kind in ("ci", "ones", "stoch", "random", "rounded", "zero"):  # share of the zero-ablation CE gap left
             metrics[f"ce_unrecovered/{kind}"] = ((metrics[f"ce/{kind}"] - metrics["ce/target"])
                                                  / (metrics["ce/zero"] - metrics["ce/target"]))
-    for n, mass in ci_mass.items():
-        metrics[f"alive/{n}"] = int((global_sum(mass) / (n_pos * world_size()) > cfg.alive_threshold).sum())
+    mean_ci = global_sum(ci_mass) / (n_pos * world_size())
+    for n, mean in dec.split(mean_ci).items():
+        metrics[f"alive/{n}"] = int((mean > cfg.alive_threshold).sum())
     metrics["alive/total"] = sum(metrics[f"alive/{n}"] for n in dec.comps)
     if truth is not None:  # toy models: the decomposition that should come out is known
         if "features" in truth:
@@ -549,8 +558,8 @@ def evaluate(dec, get_batch, cfg, truth=None) -> dict:
     return metrics
 
 
-def lm_ce(logits, y):
-    return F.cross_entropy(logits.float().flatten(0, -2), y.flatten()).item()
+def lm_ce(logits, y):  # labels -1: no next token known
+    return F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), ignore_index=-1).item()
 
 
 def save_figures(dec, truth, out_dir):
@@ -626,6 +635,47 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def training_losses(dec, x, adversary, cfg, p, adv_lr, autocast=nullcontext()):
+    """Steps 1-4 of a VPD training step (METHOD.md §5) on a batch x. Returns the loss terms and the
+    adversary's sources of this step (leaves whose .grad the main backward fills, for step 8)."""
+    # 1-2: the target, caching each decomposed matrix's input, then the causal importances
+    with autocast:
+        with torch.no_grad():
+            target_out = dec(x)
+        ci_lower, ci_upper = dec.causal_importance()                      # [..., ΣC]
+    deltas = dec.deltas()
+    # 3: the persistent adversary's inner ascent steps (gradients w.r.t. the sources only)
+    sources, shape = None, (*ci_lower.shape[:-1], ci_lower.shape[-1] + len(dec.comps))
+    if cfg.adv_coeff:
+        fixed_deltas = {n: d.detach() for n, d in deltas.items()}
+        for _ in range(cfg.adv_steps):
+            sources = adversary.leaves(shape, x.device)
+            with autocast:
+                loss = adversarial_recon_loss(dec, x, target_out, ci_lower.detach(), sources, fixed_deltas, cfg)
+            adversary.ascend(torch.autograd.grad(loss, [sources])[0], adv_lr)
+        sources = adversary.leaves(shape, x.device)
+    # 4: the losses
+    losses = {"faith": faithfulness_loss(deltas), "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
+    with autocast:
+        if cfg.stoch_coeff:
+            losses["stoch"] = stochastic_recon_loss(dec, x, target_out, ci_lower, deltas, cfg)
+        if cfg.adv_coeff:
+            losses["adv"] = adversarial_recon_loss(dec, x, target_out, ci_lower, sources, deltas, cfg)
+    return losses, sources
+
+
+def sync_gradients(params):
+    """Data parallelism: the masked forwards run outside any DDP wrapper, so average the gradients of
+    V, U and the CI function by hand, as one flat all-reduce."""
+    if world_size() == 1:
+        return
+    flat = torch.cat([prm.grad.flatten() for prm in params])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for prm, g in zip(params, flat.split([prm.numel() for prm in params])):
+        prm.grad.copy_(g.view_as(prm))
+
+
 def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None) -> dict:
     """Decompose `target`. get_batch(split, step) -> (x, y) gives the batch of a step ("train") or the
     i-th evaluation batch ("val"); y: next-token labels for language models, else None. truth: for toy
@@ -642,6 +692,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     adversary = Adversary()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and device.type == "cuda"
                 else nullcontext())
+    check_memory(memory_plan(dec, cfg, get_batch("train", 0)[0]), device, cfg.batch_size, verbose=master)
     if cfg.compile:  # in place: state-dict keys stay the same
         dec.ci_fn.compile()
 
@@ -654,8 +705,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         dec.target.load_state_dict(state)
         dec.ci_fn.load_state_dict(ckpt["ci_fn"])
         opt.load_state_dict(ckpt["optimizer"])
-        adversary.load_state_dict({k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v)
-                                   for k, v in ckpt["adversary"].items()})
+        adversary.load_state_dict({k: v.to(device) if torch.is_tensor(v) else v for k, v in ckpt["adversary"].items()})
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
@@ -695,7 +745,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
             "rng": {"cpu": torch.get_rng_state(),
                     **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}})
 
-    t_last, step_last, n_pos, metrics = time.perf_counter(), start, 0, {}
+    t_last, step_last, n_tok, metrics, step_ms = time.perf_counter(), start, 0, {}, []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master, dynamic_ncols=True)
     for step in bar:
         frac = step / max(1, cfg.steps - 1)
@@ -705,33 +755,9 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         for group in opt.param_groups:
             group["lr"] = lr
         x, _ = get_batch("train", step)
-
-        # 1-2: the target, caching each decomposed matrix's input, then the causal importances
-        with autocast:
-            with torch.no_grad():
-                target_out = dec(x)
-            ci_lower, ci_upper = dec.causal_importance()
-        deltas = dec.deltas()
-        # 3: the persistent adversary's inner ascent steps (gradients w.r.t. the sources only)
-        if cfg.adv_coeff:
-            ci_fixed = {n: g.detach() for n, g in ci_lower.items()}
-            fixed_deltas = {n: d.detach() for n, d in deltas.items()}
-            for _ in range(cfg.adv_steps):
-                sources = adversary.leaves(ci_lower)
-                with autocast:
-                    loss = recon_loss(dec.masked(x, source_masks(ci_fixed, sources), fixed_deltas), target_out,
-                                      cfg.recon_loss)
-                adversary.ascend(dict(zip(sources, torch.autograd.grad(loss, list(sources.values())))), adv_lr)
-        # 4-5: the losses; their weighted sum in fp32
-        losses = {"faith": faithfulness_loss(deltas), "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
-        with autocast:
-            if cfg.stoch_coeff:
-                losses["stoch"] = stochastic_recon_loss(dec, x, target_out, ci_lower, deltas, cfg)
-            if cfg.adv_coeff:
-                sources = adversary.leaves(ci_lower)
-                losses["adv"] = adversarial_recon_loss(dec, x, target_out, ci_lower, sources, deltas, cfg)
+        losses, sources = training_losses(dec, x, adversary, cfg, p, adv_lr, autocast)
         coeffs = {"faith": cfg.faith_coeff, "imp": cfg.imp_coeff, "stoch": cfg.stoch_coeff, "adv": cfg.adv_coeff}
-        total = sum(coeffs[k] * v.float() for k, v in losses.items())
+        total = sum(coeffs[k] * v.float() for k, v in losses.items())  # 5: the weighted sum in fp32
         if not torch.isfinite(total):
             raise FloatingPointError(f"step {step}: the loss is {total.item()} "
                                      f"({ {k: v.item() for k, v in losses.items()} }); the last good checkpoint "
@@ -739,42 +765,96 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         # 6-7: one backward gives the parameters' gradients and (through L_adv) the sources' gradients
         opt.zero_grad(set_to_none=True)
         total.backward()
-        if world_size() > 1:  # the masked forwards run outside any DDP wrapper: average gradients by hand
-            for prm in params:
-                dist.all_reduce(prm.grad)
-                prm.grad /= world_size()
+        sync_gradients(params)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(vu, cfg.grad_clip)
         opt.step()
         # 8: the adversary's outer step, with the gradient the main backward left on the sources
         if cfg.adv_coeff:
-            adversary.ascend({n: s.grad / cfg.adv_coeff for n, s in sources.items()}, adv_lr)
+            adversary.ascend(sources.grad / cfg.adv_coeff, adv_lr)
 
-        n_pos += next(iter(ci_lower.values()))[..., 0].numel() * world_size()
+        n_tok += x.shape[0] * (x.shape[1] if not x.is_floating_point() else 1) * world_size()
         done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.steps:
+        log_now = done % cfg.log_interval == 0 or done == cfg.steps
+        eval_now = cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.steps)
+        ckpt_now = done % cfg.ckpt_interval == 0 or done == cfg.steps
+        if log_now:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t_last
-            record = {"step": done, **{k: v.item() for k, v in losses.items()}, "total": total.item(),
-                      "p": p, "lr": lr, "ms_per_step": 1000 * dt / (done - step_last), "pos_per_s": n_pos / dt,
+            values = torch.stack([v.detach().float() for v in losses.values()] + [total.detach()])
+            if world_size() > 1:  # log the mean over processes
+                dist.all_reduce(values)
+                values /= world_size()
+            record = {"step": done, **dict(zip([*losses, "total"], values.tolist())), "p": p, "lr": lr,
+                      "ms_per_step": 1000 * dt / (done - step_last), "tokens_per_s": n_tok / dt,
                       "peak_mem_gb": peak_memory_gb(device)}
+            step_ms.append(record["ms_per_step"])
             log(record)
             if master:
                 bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        if done % cfg.eval_interval == 0 or done == cfg.steps:
+        if eval_now:
             metrics = {"step": done, **evaluate(dec, get_batch, cfg, truth)}
             log(metrics)
             if master:
-                bar.write("eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "/" not in k
-                                             or k.endswith("total") or k.startswith("recon")))
-        if done % cfg.ckpt_interval == 0 or done == cfg.steps:
+                bar.write("eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                             if "/" not in k or k.endswith("total") or k.startswith(("recon", "ce/"))))
+        if ckpt_now:
             checkpoint(done)
-        if done == cfg.steps or not (done % cfg.log_interval and done % cfg.eval_interval and done % cfg.ckpt_interval):
-            t_last, step_last, n_pos = time.perf_counter(), done, 0  # time training steps only
+        if log_now or eval_now or ckpt_now:  # the timer measures training steps only
+            t_last, step_last, n_tok = time.perf_counter(), done, 0
+    if master and len(step_ms) > 1:
+        print(f"median ms/step {sorted(step_ms[1:])[len(step_ms[1:]) // 2]:.1f} over {len(step_ms) - 1} logged "
+              f"intervals (the first, with warm-up and compilation, left out)")
     if master and truth is not None:
         save_figures(dec, truth, cfg.out_dir)
     return metrics
+
+
+def memory_plan(dec, cfg, x) -> dict:
+    """Bytes one process needs for training, by item, printed at the start so that a run that cannot fit
+    stops before it begins. Activations are an estimate: per position, what the two masked forwards
+    kept for the backward store at each decomposed matrix (input, x V, mask, masked product, output),
+    three output-sized tensors (logits, log-softmax, their gradient), and the CI function's layers."""
+    with torch.no_grad():
+        n_out = dec(x).shape[-1]
+    pos = next(iter(dec.comps.values())).input[..., 0].numel()  # positions per process
+    Cs = {n: c.V.shape[1] for n, c in dec.comps.items()}
+    trainable = sum(p.numel() for p in dec.parameters() if p.requires_grad)
+    act = 2 if cfg.dtype == "bfloat16" and x.is_cuda else 4
+    per_masked = sum(c.V.shape[0] + 3 * Cs[n] + 2 * c.U.shape[1] for n, c in dec.comps.items()) + 3 * n_out
+    kept = 1 + len(Cs) if cfg.routing == "layerwise" else 1
+    if cfg.ci_fn == "mlp":
+        per_ci = sum(Cs.values()) * (3 * cfg.ci_hidden + 2)
+    else:
+        attn = 0 if x.is_cuda else cfg.ci_n_heads * (x.shape[1] if x.dim() > 1 and not x.is_floating_point() else 1)
+        per_ci = (2 * sum(c.V.shape[0] for c in dec.comps.values()) + 3 * sum(Cs.values())
+                  + cfg.ci_n_blocks * (10 * cfg.ci_d_model + 2 * cfg.ci_d_mlp + 2 * attn))
+    plan = {
+        "target weights": sum(p.numel() * p.element_size() for p in dec.target.parameters() if not p.requires_grad),
+        "V, U, CI function": 4 * trainable,
+        "gradients and AdamW moments": 12 * trainable,
+        "adversary sources and moments": 12 * pos * sum(C + 1 for C in Cs.values()) if cfg.adv_coeff else 0,
+        "activations (estimate)": pos * act * ((bool(cfg.stoch_coeff) * kept + bool(cfg.adv_coeff)) * per_masked + per_ci),
+    }
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+def check_memory(plan: dict, device, batch_size: int, verbose=True):
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if verbose:
+        print("memory plan per process: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in plan.items())
+          + f" (free: {free / 2**30:.1f} GiB)")
+    if plan["total"] > free:
+        fixed = plan["total"] - plan["adversary sources and moments"] - plan["activations (estimate)"]
+        fits = int(batch_size * (free - fixed) / max(1, plan["total"] - fixed))
+        raise SystemExit(f"this run needs about {plan['total'] / 2**30:.1f} GiB per process but {free / 2**30:.1f} GiB "
+                         f"are free: lower batch_size (per process) to about {max(fits, 0)}, spread the batch over "
+                         "more GPUs with torchrun, or use dtype='bfloat16' on CUDA")
 
 
 def peak_memory_gb(device):
