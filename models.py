@@ -318,7 +318,7 @@ def train_target(tcfg: TargetConfig, path: str, device="cpu", dtype="float32", c
             bar.set_postfix(loss=f"{loss.item():.4g}")
     if tied:
         model.linear2.weight.data.copy_(model.linear1.weight.data.T)
-    if lm:
+    if lm and tcfg.target_steps:
         with torch.no_grad():
             val = sum(loss_of(*get_batch("val", i)).item() for i in range(10)) / 10
         print(f"target validation cross-entropy {val:.4f} nats (10 batches)")

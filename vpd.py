@@ -50,6 +50,7 @@ class Config:
     device: str = "auto"             # "auto": cuda when available, else cpu
     dtype: str = "float32"           # "bfloat16": autocast on CUDA (Δ and L_faith stay fp32)
     compile: bool = None             # torch.compile the hot paths; None: on for CUDA, off on CPU
+    memory_check: bool = True        # stop before training when the memory plan exceeds free memory
     # §1 what to decompose: module-path pattern -> number of subcomponents C
     modules: dict = field(default_factory=lambda: {"linear1": 20, "linear2": 20})
     # §3 causal importance function
@@ -688,11 +689,11 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     device = dec.target_device()
     vu = [p for c in dec.comps.values() for p in (c.V, c.U)]
     params = vu + list(dec.ci_fn.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one kernel, not a loop
     adversary = Adversary()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and device.type == "cuda"
                 else nullcontext())
-    check_memory(memory_plan(dec, cfg, get_batch("train", 0)[0]), device, cfg.batch_size, verbose=master)
+    check_memory(memory_plan(dec, cfg, get_batch("train", 0)[0]), device, cfg.batch_size, cfg.memory_check, master)
     if cfg.compile:  # in place: state-dict keys stay the same
         dec.ci_fn.compile()
 
@@ -841,20 +842,21 @@ def memory_plan(dec, cfg, x) -> dict:
     return plan
 
 
-def check_memory(plan: dict, device, batch_size: int, verbose=True):
+def check_memory(plan: dict, device, batch_size: int, stop=True, verbose=True):
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
         free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     if verbose:
         print("memory plan per process: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in plan.items())
-          + f" (free: {free / 2**30:.1f} GiB)")
-    if plan["total"] > free:
+              + f" (free: {free / 2**30:.1f} GiB)")
+    if stop and plan["total"] > free:
         fixed = plan["total"] - plan["adversary sources and moments"] - plan["activations (estimate)"]
         fits = int(batch_size * (free - fixed) / max(1, plan["total"] - fixed))
         raise SystemExit(f"this run needs about {plan['total'] / 2**30:.1f} GiB per process but {free / 2**30:.1f} GiB "
                          f"are free: lower batch_size (per process) to about {max(fits, 0)}, spread the batch over "
-                         "more GPUs with torchrun, or use dtype='bfloat16' on CUDA")
+                         "more GPUs with torchrun, or use dtype='bfloat16' on CUDA (--memory_check=False "
+                         "runs anyway: the activations are an estimate)")
 
 
 def peak_memory_gb(device):

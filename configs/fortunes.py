@@ -2,9 +2,10 @@
 # the pile-4L recipe (METHOD.md §8) shrunk to fit about 10 minutes on 2 CPU cores.
 #   python data/fortunes/prepare.py && python vpd.py configs/fortunes.py
 exec(open(__file__.replace("fortunes.py", "fortunes_target.py")).read())  # the target and its data
-# per layer C: q 32, k 32, v 64, o 64, c_fc 192, down_proj 224 (the pile-4L ratios, /16)
-modules = {"h.*.attn.q_proj": 32, "h.*.attn.k_proj": 32, "h.*.attn.v_proj": 64, "h.*.attn.o_proj": 64,
-           "h.*.mlp.c_fc": 192, "h.*.mlp.down_proj": 224}
+# C >= rank (128) for every matrix, so the subcomponents can hold all of W and Δ can vanish (with
+# C = 32 for q, k, the remainder kept ~1e-4 of faithfulness loss in Δ); 2x for the MLP matrices
+modules = {"h.*.attn.q_proj": 128, "h.*.attn.k_proj": 128, "h.*.attn.v_proj": 128, "h.*.attn.o_proj": 128,
+           "h.*.mlp.c_fc": 256, "h.*.mlp.down_proj": 256}
 ci_fn, ci_d_model, ci_n_blocks, ci_n_heads, ci_d_mlp = "transformer", 128, 1, 4, 512
 faith_coeff, imp_coeff, p_start, p_end, beta = 1e7, 1e-3, 2.0, 0.4, 0.5
 stoch_coeff, adv_coeff, recon_loss = 0.5, 0.5, "kl"
