@@ -175,11 +175,9 @@ def token_batches(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", 
     each rank reading its own shard. Batches depend only on (seed, split, step, rank)."""
     T = tcfg.seq_len
 
-    def to_device(rows):  # rows [B, >= T] int64
-        x = rows[:, :T]
-        y = torch.full_like(x, -1)
-        y[:, :rows.shape[1] - 1] = rows[:, 1:T + 1]
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    def to_device(rows):  # rows [B, T + 1] int64: inputs, then labels shifted by one
+        rows = rows.to(device, non_blocking=True)
+        return rows[:, :T], rows[:, 1:]
 
     def generator(split, step):
         return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + step * 2 + (split == "val") + 1)
@@ -214,10 +212,14 @@ def token_batches(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", 
             streams[split] = (step, iter(ds))
         it = streams[split][1]
         rows = [row["input_ids"][:T + 1] for row in itertools.islice(it, batch_size)]
-        if len(rows) < batch_size or min(map(len, rows)) < 2:
+        if len(rows) < batch_size:
             raise ValueError(f"dataset {tcfg.dataset!r} split {name!r} ran out of rows at step {step}")
+        if min(map(len, rows)) < T:
+            raise ValueError(f"dataset {tcfg.dataset!r} has rows of {min(map(len, rows))} tokens, fewer than "
+                             f"seq_len={T}")
         streams[split] = (step + 1, it)
-        return to_device(torch.tensor([r + [0] * (T + 1 - len(r)) for r in rows])[:, :max(map(len, rows))])
+        # the Pile's rows hold exactly T tokens: the last position has no next token (label -1)
+        return to_device(torch.tensor([r + [-1] * (T + 1 - len(r)) for r in rows]))
     return get_batch
 
 

@@ -1,13 +1,19 @@
 """Tests of vpd.py and models.py: hand-computed losses, invariants of the masked forward, the sigmoids,
 routing, the adversary, checkpoints and resume, the configurator, and recovery of TMS 5-2.
 Run: python -m pytest -q   (offline, CPU, a few minutes on 2 cores)"""
+import copy
+import dataclasses
+import fnmatch
 import json
 import math
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -426,7 +432,6 @@ def test_llama_loads_goodfire_key_names_and_matches_reference():
 
 
 def test_token_batches_random_memmap_and_datasets_fixture(tmp_path):
-    import numpy as np
     _, tcfg = tiny_lm()
     x, y = models.token_batches(tcfg, 4, seed=0)("train", 3)
     assert x.shape == y.shape == (4, 8) and (y[:, :-1] == x[:, 1:]).all()
@@ -434,7 +439,7 @@ def test_token_batches_random_memmap_and_datasets_fixture(tmp_path):
     (tmp_path / "bin").mkdir()
     np.arange(1000, dtype=np.uint16).tofile(tmp_path / "bin" / "train.bin")
     np.arange(1000, dtype=np.uint16).tofile(tmp_path / "bin" / "val.bin")
-    get = models.token_batches(dataclasses_replace(tcfg, dataset=str(tmp_path / "bin")), 4, seed=0)
+    get = models.token_batches(dataclasses.replace(tcfg, dataset=str(tmp_path / "bin")), 4, seed=0)
     x, y = get("train", 5)
     assert (y == x + 1).all() and (x[:, 1:] == x[:, :-1] + 1).all()  # windows of consecutive tokens
     torch.testing.assert_close(get("train", 5)[0], x)                  # a function of the step
@@ -445,26 +450,25 @@ def test_token_batches_random_memmap_and_datasets_fixture(tmp_path):
         with open(ds / f"{split}.jsonl", "w") as f:
             for r in range(20):
                 f.write(json.dumps({"input_ids": list(range(offset + 100 * r, offset + 100 * r + 12))}) + "\n")
-    tcfg_ds = dataclasses_replace(tcfg, dataset=str(ds), val_split="validation")
+    tcfg_ds = dataclasses.replace(tcfg, dataset=str(ds), val_split="validation")
     get = models.token_batches(tcfg_ds, 2, seed=0)
     x, y = get("train", 0)
     assert x.tolist() == [list(range(0, 8)), list(range(100, 108))] and y[0].tolist() == list(range(1, 9))
+    x, y = models.token_batches(dataclasses.replace(tcfg_ds, seq_len=12), 2, seed=0)("train", 0)
+    assert x[0].tolist() == list(range(12)) and y[0].tolist() == list(range(1, 12)) + [-1]  # rows of exactly T
     assert get("train", 1)[0][0, 0] == 200 and get("train", 3)[0][0, 0] == 600  # later steps skip ahead
     assert get("val", 0)[0][0, 0] == 10_000
     ranks = [models.token_batches(tcfg_ds, 2, seed=0, rank=r, world=2)("train", 0)[0][:, 0].tolist() for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])  # each rank reads its own shard
     with pytest.raises(ValueError, match="ran out of rows"):
         get("train", 10)
-
-
-def dataclasses_replace(obj, **kw):
-    import dataclasses
-    return dataclasses.replace(obj, **kw)
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        models.token_batches(dataclasses.replace(tcfg_ds, seq_len=64), 2, seed=0)("train", 0)
 
 
 def test_lm_metrics_on_hand_built_masks():
     model, tcfg = tiny_lm()
-    reference = copy_of(model)
+    reference = copy.deepcopy(model)
     dec = vpd.Decomposition(model, lm_config())
     x, y = models.token_batches(tcfg, 4, seed=0)("val", 0)
     with torch.no_grad():
@@ -475,18 +479,13 @@ def test_lm_metrics_on_hand_built_masks():
     metrics, _ = vpd.evaluate_batch(dec, x, y, lm_config(eval_adv_steps=[0, 5]))
     with torch.no_grad():  # zero masks with δ = 0: the decomposed matrices contribute nothing
         for name, mod in reference.named_modules():
-            if any(__import__("fnmatch").fnmatchcase(name, p) for p in LM_MODULES):
+            if any(fnmatch.fnmatchcase(name, p) for p in LM_MODULES):
                 mod.weight.zero_()
         zero_ablated = reference(x)
     assert metrics["ce/zero"] == pytest.approx(vpd.lm_ce(zero_ablated, y), rel=1e-5)
     assert metrics["ce/target"] == pytest.approx(vpd.lm_ce(target_out, y), rel=1e-6)
     assert metrics["recon/adv5"] >= metrics["recon/adv0"]
     assert set(k for k in metrics if k.startswith("l0/")) == {f"l0/{n}" for n in dec.comps}
-
-
-def copy_of(model):
-    import copy
-    return copy.deepcopy(model)
 
 
 def test_lm_run_end_to_end(tmp_path):
@@ -557,8 +556,7 @@ def test_two_process_gloo_equals_one_process_on_the_whole_batch(tmp_path):
 
 
 def test_fortunes_prepare_on_a_fixture(tmp_path):
-    import subprocess, sys
-    import numpy as np
+
     root = tmp_path / "fortunes"
     for sub, text in (("", "Hello world\n%\nA penny saved.\n%\n"), ("de", "Guten Tag\n%\nDas ist gut.\n%\n"),
                       ("es", "Hola mundo\n%\n"), ("it", "Ciao mondo\n%\n")):

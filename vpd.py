@@ -239,7 +239,7 @@ class CITransformer(nn.Module):
 
     def __init__(self, d_ins: dict, Cs: dict, d_model: int, n_blocks: int, n_heads: int, d_mlp: int):
         super().__init__()
-        self.d_ins, self.Cs = d_ins, Cs
+        self.d_ins = d_ins
         self.proj_in = nn.Linear(sum(d_ins.values()), d_model)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_mlp) for _ in range(n_blocks))
         self.norm = nn.RMSNorm(d_model)
@@ -282,6 +282,10 @@ class Decomposition(nn.Module):
 
     def forward(self, x):
         return self.target(x)
+
+    def n_positions(self) -> int:
+        """Positions (tokens, or toy samples) in the last target forward."""
+        return next(iter(self.comps.values())).input[..., 0].numel()
 
     def split(self, t) -> dict:
         """[..., ΣC], every matrix's subcomponents side by side in sorted path order -> {path: [..., C]}."""
@@ -774,7 +778,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         if cfg.adv_coeff:
             adversary.ascend(sources.grad / cfg.adv_coeff, adv_lr)
 
-        n_tok += x.shape[0] * (x.shape[1] if not x.is_floating_point() else 1) * world_size()
+        n_tok += dec.n_positions() * world_size()
         done = step + 1
         log_now = done % cfg.log_interval == 0 or done == cfg.steps
         eval_now = cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.steps)
@@ -819,7 +823,7 @@ def memory_plan(dec, cfg, x) -> dict:
     three output-sized tensors (logits, log-softmax, their gradient), and the CI function's layers."""
     with torch.no_grad():
         n_out = dec(x).shape[-1]
-    pos = next(iter(dec.comps.values())).input[..., 0].numel()  # positions per process
+    pos = dec.n_positions()  # per process
     Cs = {n: c.V.shape[1] for n, c in dec.comps.items()}
     trainable = sum(p.numel() for p in dec.parameters() if p.requires_grad)
     act = 2 if cfg.dtype == "bfloat16" and x.is_cuda else 4
@@ -828,7 +832,8 @@ def memory_plan(dec, cfg, x) -> dict:
     if cfg.ci_fn == "mlp":
         per_ci = sum(Cs.values()) * (3 * cfg.ci_hidden + 2)
     else:
-        attn = 0 if x.is_cuda else cfg.ci_n_heads * (x.shape[1] if x.dim() > 1 and not x.is_floating_point() else 1)
+        seq = pos // x.shape[0]  # attention scores [heads, T] per position, unless CUDA's fused kernels
+        attn = 0 if x.is_cuda else cfg.ci_n_heads * seq
         per_ci = (2 * sum(c.V.shape[0] for c in dec.comps.values()) + 3 * sum(Cs.values())
                   + cfg.ci_n_blocks * (10 * cfg.ci_d_model + 2 * cfg.ci_d_mlp + 2 * attn))
     plan = {
@@ -845,8 +850,9 @@ def memory_plan(dec, cfg, x) -> dict:
 def check_memory(plan: dict, device, batch_size: int, stop=True, verbose=True):
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    else:  # what the OS can give without swapping, page cache included
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
     if verbose:
         print("memory plan per process: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in plan.items())
               + f" (free: {free / 2**30:.1f} GiB)")
