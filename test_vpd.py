@@ -144,6 +144,12 @@ def test_uniform_k_subset_inclusion_probability():
         assert torch.allclose(counts, torch.full((M,), 1 / M), atol=0.01)
 
 
+def test_bad_choice_is_a_clear_error():
+    for key, value in (("routing", "subset"), ("recon_loss", "ce"), ("dtype", "bf16"), ("init_from", "resume!")):
+        with pytest.raises(ValueError, match=f"{key} must be one of"):
+            decomposition(**{key: value})
+
+
 def test_bad_module_pattern_names_the_problem():
     with pytest.raises(ValueError, match="matches no nn.Linear.*closest"):
         vpd.install_components(tiny_mlp(), {"linear9": 3})

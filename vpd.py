@@ -94,6 +94,18 @@ class Config:
     ckpt_interval: int = 1000
 
 
+# the keys that take one of a few words, and those words
+CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("float32", "bfloat16"), "ci_fn": ("mlp", "transformer"),
+           "recon_loss": ("mse", "kl"), "routing": ("all", "uniform_k_subset", "layerwise"),
+           "adv_routing": ("all", "uniform_k_subset")}
+
+
+def check_choices(cfg: Config):
+    for key, options in CHOICES.items():
+        if getattr(cfg, key) not in options:
+            raise ValueError(f"{key} must be one of {options}, got {getattr(cfg, key)!r}")
+
+
 # -----------------------------------------------------------------------------
 # §1-2 Components and the masked forward
 
@@ -262,16 +274,15 @@ class Decomposition(nn.Module):
 
     def __init__(self, target: nn.Module, cfg: Config):
         super().__init__()
+        check_choices(cfg)
         self.target = target
         self.comps = install_components(target, cfg.modules)
         Cs = {n: c.V.shape[1] for n, c in self.comps.items()}
         if cfg.ci_fn == "mlp":
             self.ci_fn = SubcomponentMLPs(Cs, cfg.ci_hidden)
-        elif cfg.ci_fn == "transformer":
+        else:
             d_ins = {n: c.V.shape[0] for n, c in self.comps.items()}
             self.ci_fn = CITransformer(d_ins, Cs, cfg.ci_d_model, cfg.ci_n_blocks, cfg.ci_n_heads, cfg.ci_d_mlp)
-        else:
-            raise ValueError(f"ci_fn must be 'mlp' or 'transformer', got {cfg.ci_fn!r}")
         self.ci_fn.to(self.target_device())
         self.Cs = list(Cs.values())
         # which matrix each subcomponent belongs to: [ΣC] (routing is per matrix)
@@ -330,6 +341,10 @@ def faithfulness_loss(deltas: dict):
     return sum(d.pow(2).sum() for d in deltas.values()) / sum(d.numel() for d in deltas.values())
 
 
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over all processes; the backward sums the incoming gradients the same way, so every
     process's share gets the gradient of every process's loss."""
@@ -348,7 +363,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def global_sum(x):
-    return _AllReduceSum.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
+    return _AllReduceSum.apply(x) if world_size() > 1 else x
 
 
 def importance_minimality_loss(ci_upper, p: float, beta: float, eps: float = 1e-12):
@@ -367,6 +382,7 @@ def recon_loss(out, target_out, kind: str):
     language models KL(target || masked) summed over the vocabulary, mean over positions."""
     if kind == "mse":
         return F.mse_loss(out.float(), target_out.float())
+    assert kind == "kl", kind
     log_q, log_p = F.log_softmax(out.float(), -1), F.log_softmax(target_out.float(), -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
@@ -383,12 +399,10 @@ def stochastic_recon_loss(dec, x, target_out, ci, deltas, cfg):
     if cfg.routing == "uniform_k_subset":
         masks = dec.masks(ci, u, uniform_k_subset(ci.shape[:-1], M, ci.device))
         return recon_loss(dec.masked(x, masks, deltas), target_out, cfg.recon_loss)
-    if cfg.routing == "layerwise":
-        masks = dec.masks(ci, u)
-        every = recon_loss(dec.masked(x, masks, deltas), target_out, cfg.recon_loss)
-        each = [recon_loss(dec.masked(x, {n: masks[n]}, deltas), target_out, cfg.recon_loss) for n in masks]
-        return every + sum(each) / len(each)
-    raise ValueError(f"routing must be 'all', 'uniform_k_subset' or 'layerwise', got {cfg.routing!r}")
+    masks = dec.masks(ci, u)  # "layerwise"
+    every = recon_loss(dec.masked(x, masks, deltas), target_out, cfg.recon_loss)
+    each = [recon_loss(dec.masked(x, {n: masks[n]}, deltas), target_out, cfg.recon_loss) for n in masks]
+    return every + sum(each) / len(each)
 
 
 class Adversary:
@@ -424,8 +438,6 @@ class Adversary:
 
 
 def adversarial_recon_loss(dec, x, target_out, ci, sources, deltas, cfg):
-    if cfg.adv_routing not in ("all", "uniform_k_subset"):
-        raise ValueError(f"adv_routing must be 'all' or 'uniform_k_subset', got {cfg.adv_routing!r}")
     routed = uniform_k_subset(ci.shape[:-1], len(dec.comps), ci.device) if cfg.adv_routing != "all" else None
     return recon_loss(dec.masked(x, dec.masks(ci, sources, routed), deltas), target_out, cfg.recon_loss)
 
@@ -607,10 +619,6 @@ def save_figures(dec, truth, out_dir):
 # -----------------------------------------------------------------------------
 # §5 Training
 
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warm-up, then cosine decay from lr to lr * lr_final."""
     warmup = int(cfg.lr_warmup * cfg.steps)
@@ -722,8 +730,6 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
                 f.writelines(kept)
         if master:
             print(f"resuming from {ckpt_path} at step {start}")
-    elif cfg.init_from != "scratch":
-        raise ValueError(f"init_from must be 'scratch' or 'resume', got {cfg.init_from!r}")
     else:
         if master and os.path.exists(metrics_path):
             os.remove(metrics_path)
