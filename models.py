@@ -15,6 +15,7 @@ state dicts load with strict=True; token data from random tokens, uint16 memmaps
 data/*/prepare.py, or a Hugging Face dataset with an `input_ids` column, streamed and sharded by rank.
 """
 import itertools
+import json
 import math
 import os
 import sys
@@ -186,6 +187,11 @@ def token_batches(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", 
         return lambda split, step: to_device(torch.randint(tcfg.vocab_size, (batch_size, T + 1), generator=generator(split, step)))
 
     if os.path.isdir(tcfg.dataset) and os.path.exists(os.path.join(tcfg.dataset, "train.bin")):
+        meta = os.path.join(tcfg.dataset, "meta.json")  # written by data/*/prepare.py that remap tokens
+        prepared = json.load(open(meta))["vocab_size"] if os.path.exists(meta) else 0
+        if prepared > tcfg.vocab_size:
+            raise ValueError(f"{tcfg.dataset} was prepared with a vocabulary of {prepared} tokens but "
+                             f"vocab_size={tcfg.vocab_size}")
         def get_batch(split, step):
             path = os.path.join(tcfg.dataset, f"{split}.bin")
             if not os.path.exists(path):

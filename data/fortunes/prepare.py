@@ -99,7 +99,9 @@ def main():
     files = {"train": splits["train"], "val": splits["val"], **{f"val_{k}": v for k, v in per_language.items()}}
     for name, docs in files.items():
         ids = lookup[np.concatenate([np.array(d, dtype=np.int64) for d in docs])]
-        ids.tofile(os.path.join(args.out_dir, f"{name}.bin"))
+        path = os.path.join(args.out_dir, f"{name}.bin")
+        ids.tofile(path + ".tmp")
+        os.replace(path + ".tmp", path)  # a half-written file never looks finished
         print(f"{name}.bin: {len(ids):,} tokens, {np.mean(ids == unk):.2%} <unk>")
     meta = {"vocab_size": len(gpt2_ids), "gpt2_ids": gpt2_ids, "eot": 0, "unk": unk,
             "train_coverage": coverage, "languages": list(LANGUAGES)}
