@@ -180,24 +180,23 @@ def token_batches(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", 
         rows = rows.to(device, non_blocking=True)
         return rows[:, :T], rows[:, 1:]
 
-    def generator(split, step):
-        return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + step * 2 + (split == "val") + 1)
-
     if tcfg.dataset == "random":
-        return lambda split, step: to_device(torch.randint(tcfg.vocab_size, (batch_size, T + 1), generator=generator(split, step)))
+        return lambda split, step: to_device(torch.randint(tcfg.vocab_size, (batch_size, T + 1),
+                                                           generator=batch_generator(seed, rank, split, step)))
 
-    if os.path.isdir(tcfg.dataset) and os.path.exists(os.path.join(tcfg.dataset, "train.bin")):
-        meta = os.path.join(tcfg.dataset, "meta.json")  # written by data/*/prepare.py that remap tokens
+    if any(os.path.exists(os.path.join(tcfg.dataset, f)) for f in ("train.bin", "prepare.py")):  # our data/*
+        meta = os.path.join(tcfg.dataset, "meta.json")  # written by the prepare.py that remap tokens
         prepared = json.load(open(meta))["vocab_size"] if os.path.exists(meta) else 0
         if prepared > tcfg.vocab_size:
             raise ValueError(f"{tcfg.dataset} was prepared with a vocabulary of {prepared} tokens but "
                              f"vocab_size={tcfg.vocab_size}")
+
         def get_batch(split, step):
             path = os.path.join(tcfg.dataset, f"{split}.bin")
             if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} is missing: run the prepare.py of {tcfg.dataset}")
+                raise FileNotFoundError(f"{path} is missing: run python {os.path.join(tcfg.dataset, 'prepare.py')}")
             data = np.memmap(path, dtype=np.uint16, mode="r")  # re-opened per batch, as nanoGPT (no leak)
-            starts = torch.randint(len(data) - T - 1, (batch_size,), generator=generator(split, step))
+            starts = torch.randint(len(data) - T - 1, (batch_size,), generator=batch_generator(seed, rank, split, step))
             return to_device(torch.stack([torch.from_numpy(data[i:i + T + 1].astype(np.int64)) for i in starts.tolist()]))
         return get_batch
 
@@ -239,14 +238,19 @@ def build_model(tcfg: TargetConfig) -> nn.Module:
     raise ValueError(f"model must be 'tms', 'resid_mlp' or 'llama_simple_mlp', got {tcfg.model!r}")
 
 
+def batch_generator(seed: int, rank: int, split: str, step: int) -> torch.Generator:
+    """The random stream of one batch: a function of (seed, rank, split, step) only, so a resumed run
+    sees exactly the batches the interrupted one would have."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + step * 2 + (split == "val") + 1)
+
+
 def sparse_features(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", rank: int = 0):
     """get_batch(split, step) -> (x, None): each feature active with probability feature_prob, with a
-    value uniform in [0, 1) (TMS) or [-1, 1) (residual MLP). A batch depends only on (seed, split, step,
-    rank), so a resumed run sees exactly the batches the interrupted one would have."""
+    value uniform in [0, 1) (TMS) or [-1, 1) (residual MLP), drawn from batch_generator."""
     low = 0.0 if tcfg.model == "tms" else -1.0
 
     def get_batch(split, step):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + step * 2 + (split == "val") + 1)
+        g = batch_generator(seed, rank, split, step)
         shape = (batch_size, tcfg.n_features)
         active = torch.rand(shape, generator=g) < tcfg.feature_prob
         values = low + (1 - low) * torch.rand(shape, generator=g)

@@ -449,6 +449,10 @@ def test_token_batches_random_memmap_and_datasets_fixture(tmp_path):
     x, y = get("train", 5)
     assert (y == x + 1).all() and (x[:, 1:] == x[:, :-1] + 1).all()  # windows of consecutive tokens
     torch.testing.assert_close(get("train", 5)[0], x)                  # a function of the step
+    (tmp_path / "unprepared").mkdir()
+    (tmp_path / "unprepared" / "prepare.py").write_text("")
+    with pytest.raises(FileNotFoundError, match="train.bin is missing: run python .*prepare.py"):
+        models.token_batches(dataclasses.replace(tcfg, dataset=str(tmp_path / "unprepared")), 4, seed=0)("train", 0)
     (tmp_path / "bin" / "meta.json").write_text(json.dumps({"vocab_size": 64}))
     with pytest.raises(ValueError, match="vocabulary of 64 tokens but vocab_size=32"):
         models.token_batches(dataclasses.replace(tcfg, dataset=str(tmp_path / "bin")), 4, seed=0)
