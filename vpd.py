@@ -856,9 +856,11 @@ def memory_plan(dec, cfg, x) -> dict:
 def check_memory(plan: dict, device, batch_size: int, stop=True, verbose=True):
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
-    else:  # what the OS can give without swapping, page cache included
+    elif os.path.exists("/proc/meminfo"):  # Linux: what the OS can give without swapping, page cache included
         with open("/proc/meminfo") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    else:
+        free = float("inf")  # no portable way to ask: trust the user
     if verbose:
         print("memory plan per process: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in plan.items())
               + f" (free: {free / 2**30:.1f} GiB)")
