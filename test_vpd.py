@@ -87,7 +87,7 @@ def test_all_ones_masks_with_delta_one_reproduce_target():
     expected = model(x)
     dec, _ = decomposition(model)
     torch.testing.assert_close(dec(x), expected)  # components installed, no masks: the target itself
-    out = dec.masked(x, ones_masks(dec, x), dec.deltas())
+    out = dec.masked(x, ones_masks(dec, x))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -97,10 +97,13 @@ def test_masked_forward_formula_per_position():
     dec(x)
     c = dec.comps["0"]
     m, d = torch.rand(5, 5), torch.rand(5)
-    out = dec.masked(x, {"0": (m, d)}, dec.deltas())
+    out = dec.masked(x, {"0": (m, d)})
     hidden = torch.stack([x[i] @ (c.V * m[i]) @ c.U + d[i] * (x[i] @ c.delta().T) + c.bias for i in range(5)])
     expected = dec.target[2](torch.relu(hidden))  # "2" is absent from the masks: its original weight
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # and the same gradients for V and U (the forward never builds Δ, but depends on V, U through it)
+    for got, want in zip(torch.autograd.grad(out.sum(), [c.V, c.U]), torch.autograd.grad(expected.sum(), [c.V, c.U])):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_routing_reproduces_target_where_unrouted():
@@ -111,10 +114,10 @@ def test_routing_reproduces_target_where_unrouted():
     ci, source = torch.rand(6, 12), torch.rand(6, 12 + 2)
     routed = torch.zeros(6, 2, dtype=torch.bool)
     routed[:3, 0] = True  # positions 0-2 route the first matrix only
-    out = dec.masked(x, dec.masks(ci, source, routed), dec.deltas())
+    out = dec.masked(x, dec.masks(ci, source, routed))
     torch.testing.assert_close(out[3:], model(x)[3:], atol=1e-5, rtol=1e-5)
     masks = dec.masks(ci, source)
-    only_first = dec.masked(x[:3], {"0": (masks["0"][0][:3], masks["0"][1][:3])}, dec.deltas())
+    only_first = dec.masked(x[:3], {"0": (masks["0"][0][:3], masks["0"][1][:3])})
     torch.testing.assert_close(out[:3], only_first, atol=1e-5, rtol=1e-5)
 
 
@@ -210,12 +213,11 @@ def test_persistent_adversary_ascent_raises_loss_and_stays_in_unit_box():
     with torch.no_grad():
         target_out = dec(x)
         ci = torch.full((64, 12), 0.3)
-    deltas = {n: d.detach() for n, d in dec.deltas().items()}
     adversary = vpd.Adversary()
     losses = []
     for _ in range(30):
         sources = adversary.leaves((64, 12 + 2), "cpu")
-        loss = vpd.adversarial_recon_loss(dec, x, target_out, ci, sources, deltas, cfg)
+        loss = vpd.adversarial_recon_loss(dec, x, target_out, ci, sources, cfg)
         losses.append(loss.item())
         adversary.ascend(torch.autograd.grad(loss, [sources])[0], lr=0.05)
         assert ((adversary.sources >= 0) & (adversary.sources <= 1)).all()
@@ -229,7 +231,7 @@ def test_eval_adversary_shared_source_raises_loss():
     with torch.no_grad():
         target_out = dec(x)
     ci = torch.full((32, 12), 0.5)
-    found = vpd.eval_adversary(dec, x, target_out, ci, dec.deltas(), cfg, [0, 5, 20])
+    found = vpd.eval_adversary(dec, x, target_out, ci, cfg, [0, 5, 20])
     assert found[20] > found[0] and found[5] >= found[0] * 0.99
 
 
@@ -487,7 +489,7 @@ def test_lm_metrics_on_hand_built_masks():
     with torch.no_grad():
         target_out = dec(x)
         ones = {n: (torch.ones(4, 8, c.V.shape[1]), torch.ones(4, 8)) for n, c in dec.comps.items()}
-        out = dec.masked(x, ones, dec.deltas())
+        out = dec.masked(x, ones)
     assert vpd.recon_loss(out, target_out, "kl").item() == pytest.approx(0.0, abs=1e-6)
     metrics, _ = vpd.evaluate_batch(dec, x, y, lm_config(eval_adv_steps=[0, 5]))
     with torch.no_grad():  # zero masks with δ = 0: the decomposed matrices contribute nothing

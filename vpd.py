@@ -120,18 +120,21 @@ class Components(nn.Module):
         device = self.weight.device
         self.V = nn.Parameter(torch.randn(d_in, C, device=device) / math.sqrt(d_in))  # read directions
         self.U = nn.Parameter(torch.randn(C, d_out, device=device) / math.sqrt(C))    # write directions
-        self.mask = None   # None: the target's weight; else (m [..., C], δ [...], Δ [d_out, d_in])
+        self.mask = None   # None: the target's weight; else (m [..., C], δ [...])
         self.input = None  # input of the last forward through the target's weight: what CI reads
 
-    def delta(self):  # [d_out, d_in], in fp32; not detached: reconstruction trains V, U through it too
+    def delta(self):  # [d_out, d_in], in fp32: what the faithfulness loss drives to zero
         return self.weight.float() - (self.V @ self.U).T
 
     def forward(self, x):  # x [..., d_in]
         if self.mask is None:
             self.input = x
             return F.linear(x, self.weight, self.bias)
-        m, d, delta = self.mask
-        out = torch.addcmul(((x @ self.V) * m) @ self.U, d.unsqueeze(-1), F.linear(x, delta.to(x.dtype)))
+        # Σ_c m_c (x·V_c) U_c + δ Δx, with Δx = Wx - (V U)^T x written out: Δ is never built here, and
+        # m = δ = 1 gives Wx exactly (that is how unrouted positions get the target's own output)
+        m, d = self.mask
+        d = d.unsqueeze(-1)                                                                  # [..., 1]
+        out = torch.addcmul(((x @ self.V) * (m - d)) @ self.U, d, F.linear(x, self.weight))
         return out if self.bias is None else out + self.bias
 
 
@@ -269,7 +272,7 @@ class CITransformer(nn.Module):
 
 class Decomposition(nn.Module):
     """A frozen target with components on the matched nn.Linear modules, and the CI function.
-    `dec(x)` runs the target (caching each matrix's input); `dec.masked(x, masks, deltas)` runs it with
+    `dec(x)` runs the target (caching each matrix's input); `dec.masked(x, masks)` runs it with
     masks {path: (m [..., C], δ [...])}; matrices absent from `masks` use their original weight."""
 
     def __init__(self, target: nn.Module, cfg: Config):
@@ -285,8 +288,10 @@ class Decomposition(nn.Module):
             self.ci_fn = CITransformer(d_ins, Cs, cfg.ci_d_model, cfg.ci_n_blocks, cfg.ci_n_heads, cfg.ci_d_mlp)
         self.ci_fn.to(self.target_device())
         self.Cs = list(Cs.values())
-        # which matrix each subcomponent belongs to: [ΣC] (routing is per matrix)
-        self.matrix_of = torch.repeat_interleave(torch.arange(len(Cs)), torch.tensor(self.Cs)).to(self.target_device())
+        # which matrix each source channel belongs to (routing is per matrix): ΣC mask channels, then M δ channels
+        M = len(Cs)
+        self.matrix_of = torch.cat([torch.arange(M).repeat_interleave(torch.tensor(self.Cs)),
+                                    torch.arange(M)]).to(self.target_device())
 
     def target_device(self):
         return next(iter(self.comps.values())).weight.device
@@ -312,20 +317,21 @@ class Decomposition(nn.Module):
         """The masks {path: (m [..., C], δ [...])} that CI values ci [..., ΣC] leave to a source [..., ΣC + M]
         in [0, 1] (random for the stochastic loss, chosen by the adversary for the adversarial one):
         m = g + (1 - g) s on the first ΣC channels; the last M channels are the matrices' δ. Where
-        routed [..., M] is False a matrix gets m = 1 and δ = 1, which is W itself (W = (V U)^T + Δ), so
-        routed and unrouted positions share one computation instead of computing both outputs."""
-        m, d = ci + (1 - ci) * source[..., :ci.shape[-1]], source[..., ci.shape[-1]:]
+        routed [..., M] is False a matrix gets source 1, so m = 1 and δ = 1: W itself (W = (V U)^T + Δ).
+        Routed and unrouted positions thus share one computation instead of computing both outputs."""
         if routed is not None:
-            m, d = torch.where(routed[..., self.matrix_of], m, 1.0), torch.where(routed, d, 1.0)
+            source = torch.where(routed[..., self.matrix_of], source, 1.0)
+        s, d = source.split([ci.shape[-1], len(self.Cs)], -1)   # split, not slices: its backward is one cat
+        m = torch.lerp(s, s.new_ones(()), ci)                   # = g + (1 - g) s, one fused operation
         return {n: (m_n, d[..., i]) for i, (n, m_n) in enumerate(self.split(m).items())}
 
     def deltas(self):
         with torch.autocast(self.target_device().type, enabled=False):  # Δ ≈ 0 needs fp32
             return {n: c.delta() for n, c in self.comps.items()}
 
-    def masked(self, x, masks: dict, deltas: dict):
+    def masked(self, x, masks: dict):
         for n, c in self.comps.items():
-            c.mask = (*masks[n], deltas[n]) if n in masks else None
+            c.mask = masks.get(n)
         try:
             return self.target(x)
         finally:
@@ -387,7 +393,7 @@ def recon_loss(out, target_out, kind: str):
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-def stochastic_recon_loss(dec, x, target_out, ci, deltas, cfg):
+def stochastic_recon_loss(dec, x, target_out, ci, cfg):
     """Masks m = g + (1 - g) u with u ~ U(0, 1) per (position, subcomponent), δ ~ U(0, 1) per position;
     one sample per step. Routing "all": every matrix masked everywhere; "uniform_k_subset" (VPD): a
     random k-subset of matrices per position; "layerwise" (SPD): the all-matrices pass plus the mean
@@ -395,13 +401,13 @@ def stochastic_recon_loss(dec, x, target_out, ci, deltas, cfg):
     M = len(dec.comps)
     u = torch.rand(*ci.shape[:-1], ci.shape[-1] + M, device=ci.device)
     if cfg.routing == "all":
-        return recon_loss(dec.masked(x, dec.masks(ci, u), deltas), target_out, cfg.recon_loss)
+        return recon_loss(dec.masked(x, dec.masks(ci, u)), target_out, cfg.recon_loss)
     if cfg.routing == "uniform_k_subset":
         masks = dec.masks(ci, u, uniform_k_subset(ci.shape[:-1], M, ci.device))
-        return recon_loss(dec.masked(x, masks, deltas), target_out, cfg.recon_loss)
+        return recon_loss(dec.masked(x, masks), target_out, cfg.recon_loss)
     masks = dec.masks(ci, u)  # "layerwise"
-    every = recon_loss(dec.masked(x, masks, deltas), target_out, cfg.recon_loss)
-    each = [recon_loss(dec.masked(x, {n: masks[n]}, deltas), target_out, cfg.recon_loss) for n in masks]
+    every = recon_loss(dec.masked(x, masks), target_out, cfg.recon_loss)
+    each = [recon_loss(dec.masked(x, {n: masks[n]}), target_out, cfg.recon_loss) for n in masks]
     return every + sum(each) / len(each)
 
 
@@ -437,21 +443,21 @@ class Adversary:
         self.sources, self.m, self.v, self.t = sd["sources"], sd["m"], sd["v"], sd["t"]
 
 
-def adversarial_recon_loss(dec, x, target_out, ci, sources, deltas, cfg):
+def adversarial_recon_loss(dec, x, target_out, ci, sources, cfg):
     routed = uniform_k_subset(ci.shape[:-1], len(dec.comps), ci.device) if cfg.adv_routing != "all" else None
-    return recon_loss(dec.masked(x, dec.masks(ci, sources, routed), deltas), target_out, cfg.recon_loss)
+    return recon_loss(dec.masked(x, dec.masks(ci, sources, routed)), target_out, cfg.recon_loss)
 
 
-def eval_adversary(dec, x, target_out, ci, deltas, cfg, milestones, step_size=0.1):
+def eval_adversary(dec, x, target_out, ci, cfg, milestones, step_size=0.1):
     """The evaluation adversary: one source [1, ..., 1, ΣC + M] shared by the whole batch and all
     positions (it must find systematic failures, not exploit noise), sign-gradient ascent.
     Returns {n_steps: loss after n_steps} for each milestone."""
-    ci, deltas = ci.detach(), {n: d.detach() for n, d in deltas.items()}
+    ci = ci.detach()
     sources = torch.rand(*[1] * (ci.dim() - 1), ci.shape[-1] + len(dec.comps), device=ci.device)
     found = {}
     for i in range(max(milestones) + 1):
         sources.requires_grad_()
-        loss = recon_loss(dec.masked(x, dec.masks(ci, sources), deltas), target_out, cfg.recon_loss)
+        loss = recon_loss(dec.masked(x, dec.masks(ci, sources)), target_out, cfg.recon_loss)
         if i in milestones:
             found[i] = loss.item()
         if i == max(milestones):
@@ -514,14 +520,13 @@ def evaluate_batch(dec, x, y, cfg):
         target_out = dec(x)
         target_hidden = {n: F.linear(c.input, c.weight, c.bias) for n, c in dec.comps.items()}
         ci, _ = dec.causal_importance()
-        deltas = dec.deltas()
     metrics = {"ce/target": lm_ce(target_out, y)} if y is not None else {}
     for kind, masks in eval_masks(dec, ci, cfg.ci_threshold).items():
         hidden = {}
         hooks = [c.register_forward_hook(lambda mod, inp, out, n=n: hidden.__setitem__(n, out))
                  for n, c in dec.comps.items()]
         with torch.no_grad():
-            out = dec.masked(x, masks, deltas)
+            out = dec.masked(x, masks)
         for h in hooks:
             h.remove()
         metrics[f"recon/{kind}"] = recon_loss(out, target_out, cfg.recon_loss).item()
@@ -530,7 +535,7 @@ def evaluate_batch(dec, x, y, cfg):
         if kind in ("ci", "stoch"):
             for n in hidden:
                 metrics[f"hidden_mse/{kind}/{n}"] = F.mse_loss(hidden[n].float(), target_hidden[n].float()).item()
-    for steps, loss in eval_adversary(dec, x, target_out, ci, deltas, cfg, cfg.eval_adv_steps).items():
+    for steps, loss in eval_adversary(dec, x, target_out, ci, cfg, cfg.eval_adv_steps).items():
         metrics[f"recon/adv{steps}"] = loss
     for n, g in dec.split(ci).items():
         metrics[f"l0/{n}"] = (g > cfg.ci_threshold).sum(-1).float().mean().item()
@@ -656,24 +661,22 @@ def training_losses(dec, x, adversary, cfg, p, adv_lr, autocast=nullcontext()):
         with torch.no_grad():
             target_out = dec(x)
         ci_lower, ci_upper = dec.causal_importance()                      # [..., ΣC]
-    deltas = dec.deltas()
     # 3: the persistent adversary's inner ascent steps (gradients w.r.t. the sources only)
     sources, shape = None, (*ci_lower.shape[:-1], ci_lower.shape[-1] + len(dec.comps))
     if cfg.adv_coeff:
-        fixed_deltas = {n: d.detach() for n, d in deltas.items()}
         for _ in range(cfg.adv_steps):
             sources = adversary.leaves(shape, x.device)
             with autocast:
-                loss = adversarial_recon_loss(dec, x, target_out, ci_lower.detach(), sources, fixed_deltas, cfg)
+                loss = adversarial_recon_loss(dec, x, target_out, ci_lower.detach(), sources, cfg)
             adversary.ascend(torch.autograd.grad(loss, [sources])[0], adv_lr)
         sources = adversary.leaves(shape, x.device)
     # 4: the losses
-    losses = {"faith": faithfulness_loss(deltas), "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
+    losses = {"faith": faithfulness_loss(dec.deltas()), "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
     with autocast:
         if cfg.stoch_coeff:
-            losses["stoch"] = stochastic_recon_loss(dec, x, target_out, ci_lower, deltas, cfg)
+            losses["stoch"] = stochastic_recon_loss(dec, x, target_out, ci_lower, cfg)
         if cfg.adv_coeff:
-            losses["adv"] = adversarial_recon_loss(dec, x, target_out, ci_lower, sources, deltas, cfg)
+            losses["adv"] = adversarial_recon_loss(dec, x, target_out, ci_lower, sources, cfg)
     return losses, sources
 
 
@@ -706,8 +709,8 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and device.type == "cuda"
                 else nullcontext())
     check_memory(memory_plan(dec, cfg, get_batch("train", 0)[0]), device, cfg.batch_size, cfg.memory_check, master)
-    if cfg.compile:  # in place: state-dict keys stay the same
-        dec.ci_fn.compile()
+    if cfg.compile:  # the CI function with both sigmoids, fused; modules untouched: state-dict keys stay the same
+        dec.causal_importance = torch.compile(dec.causal_importance)
 
     start = 0
     if cfg.init_from == "resume":
