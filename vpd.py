@@ -521,20 +521,22 @@ def evaluate_batch(dec, x, y, cfg):
         target_hidden = {n: F.linear(c.input, c.weight, c.bias) for n, c in dec.comps.items()}
         ci, _ = dec.causal_importance()
     metrics = {"ce/target": lm_ce(target_out, y)} if y is not None else {}
-    for kind, masks in eval_masks(dec, ci, cfg.ci_threshold).items():
-        hidden = {}
-        hooks = [c.register_forward_hook(lambda mod, inp, out, n=n: hidden.__setitem__(n, out))
-                 for n, c in dec.comps.items()]
-        with torch.no_grad():
-            out = dec.masked(x, masks)
+    hidden = {}  # each decomposed matrix's output in the last masked forward
+    hooks = [c.register_forward_hook(lambda mod, inp, out, n=n: hidden.__setitem__(n, out))
+             for n, c in dec.comps.items()]
+    try:
+        for kind, masks in eval_masks(dec, ci, cfg.ci_threshold).items():
+            with torch.no_grad():
+                out = dec.masked(x, masks)
+            metrics[f"recon/{kind}"] = recon_loss(out, target_out, cfg.recon_loss).item()
+            if y is not None:
+                metrics[f"ce/{kind}"] = lm_ce(out, y)
+            if kind in ("ci", "stoch"):
+                for n in hidden:
+                    metrics[f"hidden_mse/{kind}/{n}"] = F.mse_loss(hidden[n].float(), target_hidden[n].float()).item()
+    finally:
         for h in hooks:
             h.remove()
-        metrics[f"recon/{kind}"] = recon_loss(out, target_out, cfg.recon_loss).item()
-        if y is not None:
-            metrics[f"ce/{kind}"] = lm_ce(out, y)
-        if kind in ("ci", "stoch"):
-            for n in hidden:
-                metrics[f"hidden_mse/{kind}/{n}"] = F.mse_loss(hidden[n].float(), target_hidden[n].float()).item()
     for steps, loss in eval_adversary(dec, x, target_out, ci, cfg, cfg.eval_adv_steps).items():
         metrics[f"recon/adv{steps}"] = loss
     for n, g in dec.split(ci).items():
