@@ -710,7 +710,8 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     adversary = Adversary()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and device.type == "cuda"
                 else nullcontext())
-    check_memory(memory_plan(dec, cfg, get_batch("train", 0)[0]), device, cfg.batch_size, cfg.memory_check, master)
+    plan = memory_plan(dec, cfg, get_batch("train", 0)[0], autocast)
+    check_memory(plan, device, cfg.batch_size, cfg.memory_check, master)
     if cfg.compile:  # the CI function with both sigmoids, fused; modules untouched: state-dict keys stay the same
         dec.causal_importance = torch.compile(dec.causal_importance)
 
@@ -827,32 +828,38 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     return metrics
 
 
-def memory_plan(dec, cfg, x) -> dict:
+def saved_activation_bytes(dec, cfg, x, autocast=nullcontext()) -> int:
+    """Bytes that the losses of one training step on batch x keep for the backward (the frozen target's
+    and the trainable parameters excluded), counted by watching what autograd saves."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.random.fork_rng([x.device] if x.is_cuda else []), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        # the inner ascent steps free their graphs before the losses are built: leave them out
+        training_losses(dec, x, Adversary(), dataclasses.replace(cfg, adv_steps=0), cfg.p_start, 0.0, autocast)
+    params = {p.untyped_storage().data_ptr() for p in dec.parameters()}
+    return sum(n for ptr, n in saved.items() if ptr not in params)
+
+
+def memory_plan(dec, cfg, x, autocast=nullcontext()) -> dict:
     """Bytes one process needs for training, by item, printed at the start so that a run that cannot fit
-    stops before it begins. Activations are an estimate: per position, what the two masked forwards
-    kept for the backward store at each decomposed matrix (input, x V, mask, masked product, output),
-    three output-sized tensors (logits, log-softmax, their gradient), and the CI function's layers."""
-    with torch.no_grad():
-        n_out = dec(x).shape[-1]
-    pos = dec.n_positions()  # per process
-    Cs = {n: c.V.shape[1] for n, c in dec.comps.items()}
+    stops before it begins. Activations: measured on the first one and two samples (sequences) of the
+    batch and extrapolated linearly to the whole batch, so that any target and CI function is covered.
+    The transient gradients of the backward come on top."""
+    one = saved_activation_bytes(dec, cfg, x[:1], autocast)
+    pos = dec.n_positions() * len(x)  # per process
+    two = saved_activation_bytes(dec, cfg, x[:2], autocast)
+    Cs = [c.V.shape[1] for c in dec.comps.values()]
     trainable = sum(p.numel() for p in dec.parameters() if p.requires_grad)
-    act = 2 if cfg.dtype == "bfloat16" and x.is_cuda else 4
-    per_masked = sum(c.V.shape[0] + 3 * Cs[n] + 2 * c.U.shape[1] for n, c in dec.comps.items()) + 3 * n_out
-    kept = 1 + len(Cs) if cfg.routing == "layerwise" else 1
-    if cfg.ci_fn == "mlp":
-        per_ci = sum(Cs.values()) * (3 * cfg.ci_hidden + 2)
-    else:
-        seq = pos // x.shape[0]  # attention scores [heads, T] per position, unless CUDA's fused kernels
-        attn = 0 if x.is_cuda else cfg.ci_n_heads * seq
-        per_ci = (2 * sum(c.V.shape[0] for c in dec.comps.values()) + 3 * sum(Cs.values())
-                  + cfg.ci_n_blocks * (10 * cfg.ci_d_model + 2 * cfg.ci_d_mlp + 2 * attn))
     plan = {
         "target weights": sum(p.numel() * p.element_size() for p in dec.target.parameters() if not p.requires_grad),
         "V, U, CI function": 4 * trainable,
         "gradients and AdamW moments": 12 * trainable,
-        "adversary sources and moments": 12 * pos * sum(C + 1 for C in Cs.values()) if cfg.adv_coeff else 0,
-        "activations (estimate)": pos * act * ((bool(cfg.stoch_coeff) * kept + bool(cfg.adv_coeff)) * per_masked + per_ci),
+        "adversary sources and moments": 12 * pos * sum(C + 1 for C in Cs) if cfg.adv_coeff else 0,
+        "activations": one + (two - one) * (x.shape[0] - 1),
     }
     plan["total"] = sum(plan.values())
     return plan
@@ -870,12 +877,12 @@ def check_memory(plan: dict, device, batch_size: int, stop=True, verbose=True):
         print("memory plan per process: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in plan.items())
               + f" (free: {free / 2**30:.1f} GiB)")
     if stop and plan["total"] > free:
-        fixed = plan["total"] - plan["adversary sources and moments"] - plan["activations (estimate)"]
+        fixed = plan["total"] - plan["adversary sources and moments"] - plan["activations"]
         fits = int(batch_size * (free - fixed) / max(1, plan["total"] - fixed))
         raise SystemExit(f"this run needs about {plan['total'] / 2**30:.1f} GiB per process but {free / 2**30:.1f} GiB "
                          f"are free: lower batch_size (per process) to about {max(fits, 0)}, spread the batch over "
                          "more GPUs with torchrun, or use dtype='bfloat16' on CUDA (--memory_check=False "
-                         "runs anyway: the activations are an estimate)")
+                         "runs anyway)")
 
 
 def peak_memory_gb(device):

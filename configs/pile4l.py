@@ -1,7 +1,8 @@
 # The VPD paper's decomposition of the 67M-parameter 4-layer LlamaSimpleMLP trained on the Pile
 # (METHOD.md §8): 38,912 subcomponents over the 24 block matrices, global shared transformer CI.
 #   torchrun --standalone --nproc_per_node=8 vpd.py configs/pile4l.py    # 8 GPUs x 8 sequences
-#   python vpd.py configs/pile4l.py                                       # one GPU, all 64 sequences
+#   python vpd.py configs/pile4l.py                                       # one GPU, all 64 sequences:
+#     ~133 GiB in bf16 (11.6 + 1.89 per sequence, measured): an 80 GB GPU needs --batch_size=32
 # Target: Goodfire's pretrained weights from W&B (needs `pip install wandb` and a login), or a local
 # state dict with --target_path=... Data: streamed from the Hub, or --dataset=data/pile after
 # python data/pile/prepare.py for a local, repeatable copy.
