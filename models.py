@@ -240,8 +240,10 @@ def build_model(tcfg: TargetConfig) -> nn.Module:
 
 def batch_generator(seed: int, rank: int, split: str, step: int) -> torch.Generator:
     """The random stream of one batch: a function of (seed, rank, split, step) only, so a resumed run
-    sees exactly the batches the interrupted one would have."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + step * 2 + (split == "val") + 1)
+    sees exactly the batches the interrupted one would have. Train and validation streams differ by
+    parity; ranks are 2^40 apart, so no two ranks (nor a rank's validation) share a batch in any run
+    shorter than 2^39 steps."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 2**40 + step * 2 + (split == "val") + 1)
 
 
 def sparse_features(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", rank: int = 0):

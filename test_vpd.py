@@ -439,6 +439,16 @@ def test_llama_loads_goodfire_key_names_and_matches_reference():
         model.load_state_dict({**sd, "h.0.attn.c_attn.weight": torch.zeros(1)}, strict=True)
 
 
+def test_batch_streams_differ_across_ranks_steps_and_splits():
+    """Data parallelism must not replay one rank's batches on another (an odd rank stride once did:
+    rank 2 at step 0 drew rank 0's batch of step 7919), nor validation batches in training."""
+    def stream(rank, split, step):
+        return models.batch_generator(0, rank, split, step).initial_seed()
+    seeds = [stream(rank, split, step) for rank in range(8) for split in ("train", "val") for step in range(2000)]
+    assert len(set(seeds)) == len(seeds)
+    assert stream(2, "train", 0) != stream(0, "train", 7919) and stream(1, "val", 0) != stream(0, "train", 3960)
+
+
 def test_token_batches_random_memmap_and_datasets_fixture(tmp_path):
     _, tcfg = tiny_lm()
     x, y = models.token_batches(tcfg, 4, seed=0)("train", 3)

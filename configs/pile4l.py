@@ -25,5 +25,6 @@ faith_warmup_steps, faith_warmup_lr = 400, 1e-3
 batch_size = 64 // int(os.environ.get("WORLD_SIZE", 1))   # per process; 64 sequences in all
 dtype = "bfloat16"                                          # autocast; Δ and L_faith stay fp32
 eval_interval, eval_batches, eval_adv_steps = 1000, 2, [20]  # 2 x 64 = 128 sequences
+# the paper also reports the adversary at 40-320 steps: --eval_adv_steps=[20,40,80,160,320] (16x the cost)
 ci_threshold = 0.0                                          # L0 counts any CI > 0
 log_interval, ckpt_interval = 100, 5000

@@ -6,6 +6,8 @@ target_path = "out/targets/tms_5_2.pt"
 target_batch_size = 1024
 
 modules = {"linear1": 20, "linear2": 20}     # C = 20 > 5: the superfluous subcomponents must die
+# VPD machinery (vpd.Config's defaults): persistent adversary with 2 inner steps, uniform-k-subset
+# routing, the lower-leaky sigmoid. SPD's recipe: --adv_coeff=0 --routing=layerwise --p_start=1.0 --p_end=1.0
 # SPD's coefficient (3e-3) with VPD's p anneal 2 -> 0.4: p = 1 throughout left features split over
 # two subcomponents after 4k steps; p < 1 at the end makes one subcomponent per feature cheaper.
 imp_coeff, p_start, p_end = 3e-3, 2.0, 0.4
