@@ -340,6 +340,18 @@ def test_checkpoint_contents_and_resume_equality(tmp_path, monkeypatch):
                {k: b[k] for k in ("faith", "imp", "stoch", "adv", "total")}, a["step"]
 
 
+def test_tied_matrices_stay_transposes_of_each_other(tmp_path):
+    """TMS's linear2 weight is linear1's transposed; tied, linear2's V, U must remain linear1's U, V
+    transposed through the warm-up, AdamW with clipping and the adversary, bit for bit."""
+    cfg, tcfg, model = toy_run(tmp_path, tie={"linear2": "linear1"}, grad_clip=0.1, eval_interval=0)
+    vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed), None)
+    comps = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)["components"]
+    assert torch.equal(comps["linear2"]["V"], comps["linear1"]["U"].T)
+    assert torch.equal(comps["linear2"]["U"], comps["linear1"]["V"].T)
+    with pytest.raises(ValueError, match="transposed"):  # linear1 is not linear2 transposed with different C
+        vpd.Decomposition(toy_run(tmp_path)[2], dataclasses.replace(cfg, modules={"linear1": 20, "linear2": 10}))
+
+
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
     cfg, tcfg, model = toy_run(tmp_path, init_from="resume")
     get_batch = models.sparse_features(tcfg, cfg.batch_size, cfg.seed)

@@ -53,6 +53,7 @@ class Config:
     memory_check: bool = True        # stop before training when the memory plan exceeds free memory
     # §1 what to decompose: module-path pattern -> number of subcomponents C
     modules: dict = field(default_factory=lambda: {"linear1": 20, "linear2": 20})
+    tie: dict = field(default_factory=dict)  # {"linear2": "linear1"}: for a target with W2 = W1^T, V2 = U1^T, U2 = V1^T
     # §3 causal importance function
     ci_fn: str = "mlp"               # "mlp": one tiny MLP per subcomponent; "transformer": global shared
     ci_hidden: int = 16              # mlp: hidden width
@@ -288,10 +289,25 @@ class Decomposition(nn.Module):
             self.ci_fn = CITransformer(d_ins, Cs, cfg.ci_d_model, cfg.ci_n_blocks, cfg.ci_n_heads, cfg.ci_d_mlp)
         self.ci_fn.to(self.target_device())
         self.Cs = list(Cs.values())
+        self.tie = cfg.tie
+        for b, a in self.tie.items():
+            if a not in self.comps or b not in self.comps:
+                raise ValueError(f"tie {b!r} -> {a!r}: both must be decomposed matrices, i.e. in {list(self.comps)}")
+            if not torch.equal(self.comps[b].weight, self.comps[a].weight.T) or Cs[a] != Cs[b]:
+                raise ValueError(f"tie {b!r} -> {a!r} needs {b}'s weight to be {a}'s transposed, with the same C")
+        self.tie_weights()
         # which matrix each source channel belongs to (routing is per matrix): ΣC mask channels, then M δ channels
         M = len(Cs)
         self.matrix_of = torch.cat([torch.arange(M).repeat_interleave(torch.tensor(self.Cs)),
                                     torch.arange(M)]).to(self.target_device())
+
+    @torch.no_grad()
+    def tie_weights(self):
+        """Tied matrices (cfg.tie: {b: a}, for targets with W_b = W_a^T) share their subcomponents:
+        V_b = U_a^T and U_b = V_a^T. Only a's copy is trained (see tie_gradients); b's follows it."""
+        for b, a in self.tie.items():
+            self.comps[b].V.copy_(self.comps[a].U.T)
+            self.comps[b].U.copy_(self.comps[a].V.T)
 
     def target_device(self):
         return next(iter(self.comps.values())).weight.device
@@ -682,6 +698,16 @@ def training_losses(dec, x, adversary, cfg, p, adv_lr, autocast=nullcontext()):
     return losses, sources
 
 
+def tie_gradients(dec):
+    """Tied matrices: the trained copy gets the gradient of both uses; the follower none, so that the
+    optimiser skips it (Decomposition.tie_weights copies it over after the step)."""
+    for b, a in dec.tie.items():
+        ca, cb = dec.comps[a], dec.comps[b]
+        ca.V.grad += cb.U.grad.T
+        ca.U.grad += cb.V.grad.T
+        cb.V.grad = cb.U.grad = None
+
+
 def sync_gradients(params):
     """Data parallelism: the masked forwards run outside any DDP wrapper, so average the gradients of
     V, U and the CI function by hand, as one flat all-reduce."""
@@ -743,7 +769,9 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         for _ in range(cfg.faith_warmup_steps):  # faithfulness warm-up: start from (V U)^T ≈ W
             warm.zero_grad(set_to_none=True)
             faithfulness_loss(dec.deltas()).backward()
+            tie_gradients(dec)
             warm.step()
+            dec.tie_weights()
 
     def log(record):
         if master:
@@ -783,9 +811,11 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         opt.zero_grad(set_to_none=True)
         total.backward()
         sync_gradients(params)
+        tie_gradients(dec)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(vu, cfg.grad_clip)
         opt.step()
+        dec.tie_weights()
         # 8: the adversary's outer step, with the gradient the main backward left on the sources
         if cfg.adv_coeff:
             adversary.ascend(sources.grad / cfg.adv_coeff, adv_lr)
