@@ -882,13 +882,12 @@ def memory_plan(dec, cfg, x, autocast=nullcontext()) -> dict:
     one = saved_activation_bytes(dec, cfg, x[:1], autocast)
     pos = dec.n_positions() * len(x)  # per process
     two = saved_activation_bytes(dec, cfg, x[:2], autocast)
-    Cs = [c.V.shape[1] for c in dec.comps.values()]
     trainable = sum(p.numel() for p in dec.parameters() if p.requires_grad)
     plan = {
         "target weights": sum(p.numel() * p.element_size() for p in dec.target.parameters() if not p.requires_grad),
         "V, U, CI function": 4 * trainable,
         "gradients and AdamW moments": 12 * trainable,
-        "adversary sources and moments": 12 * pos * sum(C + 1 for C in Cs) if cfg.adv_coeff else 0,
+        "adversary sources and moments": 12 * pos * (sum(dec.Cs) + len(dec.Cs)) if cfg.adv_coeff else 0,
         "activations": one + (two - one) * (x.shape[0] - 1),
     }
     plan["total"] = sum(plan.values())
