@@ -310,7 +310,7 @@ def train_losses(path):
 
 
 def test_checkpoint_contents_and_resume_equality(tmp_path, monkeypatch):
-    cfg, tcfg, model = toy_run(tmp_path)
+    cfg, tcfg, model = toy_run(tmp_path, grad_clip=0.01)
     get_batch = models.sparse_features(tcfg, cfg.batch_size, cfg.seed)
     vpd.train(cfg, model, get_batch, models.toy_truth(tcfg, model, "cpu"))
     uninterrupted = train_losses(os.path.join(cfg.out_dir, "metrics.jsonl"))
@@ -322,7 +322,7 @@ def test_checkpoint_contents_and_resume_equality(tmp_path, monkeypatch):
     assert ckpt["adversary"]["sources"].shape == (64, 20 + 20 + 2)
 
     # the same run, crashing at step 15 (after the checkpoint at 10), then resumed
-    cfg2, _, model2 = toy_run(tmp_path, out_dir=str(tmp_path / "crash"))
+    cfg2, _, model2 = toy_run(tmp_path, out_dir=str(tmp_path / "crash"), grad_clip=0.01)
     def crashing(split, step):
         if split == "train" and step == 15:
             raise KeyboardInterrupt
@@ -592,6 +592,46 @@ def test_two_process_gloo_equals_one_process_on_the_whole_batch(tmp_path):
     assert two["total"].item() == pytest.approx(one["total"].item(), rel=1e-5)
     for g1, g2 in zip(one["grads"], two["grads"]):
         torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-4)
+
+
+def _ddp_train(rank, world, init_file, tmp_path):
+    """Two processes train: a whole run, then the same run crashing after its checkpoint, then resumed."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        runs = {name: toy_run(tmp_path, out_dir=str(tmp_path / name), steps=6, ckpt_interval=3, eval_interval=6,
+                              grad_clip=0.01) for name in ("whole", "crash", "resumed")}
+        get_batch = models.sparse_features(runs["whole"][1], 64, 0, rank=rank)
+        def crashing(split, step):
+            if split == "train" and step == 4:
+                raise KeyboardInterrupt
+            return get_batch(split, step)
+        vpd.train(runs["whole"][0], runs["whole"][2], get_batch)
+        with pytest.raises(KeyboardInterrupt):
+            vpd.train(runs["crash"][0], runs["crash"][2], crashing)
+        cfg, _, model = runs["resumed"]
+        cfg.out_dir, cfg.init_from = runs["crash"][0].out_dir, "resume"
+        vpd.train(cfg, model, get_batch)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_training_resumes_exactly_with_each_rank_its_own_noise(tmp_path):
+    import torch.multiprocessing as mp
+    toy_run(tmp_path)  # trains the target once, before the processes share it
+    mp.spawn(_ddp_train, args=(2, str(tmp_path / "init"), tmp_path), nprocs=2)
+    whole, resumed = (train_losses(tmp_path / d / "metrics.jsonl") for d in ("whole", "crash"))
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(whole, resumed):  # the logged losses are means over both processes
+        assert {k: a[k] for k in ("imp", "stoch", "adv", "total")} == {k: b[k] for k in ("imp", "stoch", "adv", "total")}
+    evals = [r for r in map(json.loads, open(tmp_path / "crash" / "metrics.jsonl")) if "recon/ci" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 6
+    ckpt0 = torch.load(tmp_path / "crash" / "ckpt.pt", weights_only=True)
+    ckpt1 = torch.load(tmp_path / "crash" / "ckpt_rank1.pt", weights_only=True)
+    assert ckpt0["step"] == ckpt1["step"] == 6
+    # each rank drew its own adversary (and masks): the persistent sources differ between the ranks
+    assert not torch.equal(ckpt0["adversary"]["sources"], ckpt1["adversary"]["sources"])
+    assert not torch.equal(ckpt0["rng"]["cpu"], ckpt1["rng"]["cpu"])
 
 
 def test_fortunes_prepare_on_a_fixture(tmp_path):

@@ -388,6 +388,15 @@ def global_sum(x):
     return _AllReduceSum.apply(x) if world_size() > 1 else x
 
 
+@torch.no_grad()
+def mean_over_processes(x):
+    """For logging: the mean of x over all processes."""
+    if world_size() > 1:
+        dist.all_reduce(x)
+        x /= world_size()
+    return x
+
+
 def importance_minimality_loss(ci_upper, p: float, beta: float, eps: float = 1e-12):
     """ci_upper [..., ΣC]: every subcomponent of every matrix side by side. Per subcomponent,
     s_c = Σ_positions (g + ε)^p and mean_c = s_c / #positions; L_imp = Σ_c mean_c (1 + β log2(1 + s_c)).
@@ -529,10 +538,10 @@ def eval_masks(dec, ci, threshold) -> dict:
             "rounded": dec.masks((ci > threshold).float(), none), "zero": dec.masks(torch.zeros_like(ci), none)}
 
 
-def evaluate_batch(dec, x, y, cfg):
+def evaluate_batch(dec, x, y, cfg, autocast=nullcontext()):
     """Metrics of one batch: reconstruction (and CE for language models) under each kind of mask,
     hidden-activation MSE, the evaluation adversary, L0. Also returns the batch's CI [..., ΣC]."""
-    with torch.no_grad():
+    with torch.no_grad(), autocast:  # the precision training uses, so that eval sees training's CI
         target_out = dec(x)
         target_hidden = {n: F.linear(c.input, c.weight, c.bias) for n, c in dec.comps.items()}
         ci, _ = dec.causal_importance()
@@ -542,7 +551,7 @@ def evaluate_batch(dec, x, y, cfg):
              for n, c in dec.comps.items()]
     try:
         for kind, masks in eval_masks(dec, ci, cfg.ci_threshold).items():
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 out = dec.masked(x, masks)
             metrics[f"recon/{kind}"] = recon_loss(out, target_out, cfg.recon_loss).item()
             if y is not None:
@@ -553,14 +562,16 @@ def evaluate_batch(dec, x, y, cfg):
     finally:
         for h in hooks:
             h.remove()
-    for steps, loss in eval_adversary(dec, x, target_out, ci, cfg, cfg.eval_adv_steps).items():
+    with autocast:
+        found = eval_adversary(dec, x, target_out, ci, cfg, cfg.eval_adv_steps)
+    for steps, loss in found.items():
         metrics[f"recon/adv{steps}"] = loss
     for n, g in dec.split(ci).items():
         metrics[f"l0/{n}"] = (g > cfg.ci_threshold).sum(-1).float().mean().item()
     return metrics, ci
 
 
-def evaluate(dec, get_batch, cfg, truth=None) -> dict:
+def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
     """The metrics of METHOD.md §6 averaged over `cfg.eval_batches` validation batches, with L0 per
     matrix, layer and in total, alive subcomponents, CE unrecovered (language models), and for toys
     MMCS / ML2R and the target-CI error."""
@@ -570,10 +581,13 @@ def evaluate(dec, get_batch, cfg, truth=None) -> dict:
         torch.manual_seed(cfg.seed + 1)
         for i in range(cfg.eval_batches):
             x, y = get_batch("val", i)
-            batch, ci = evaluate_batch(dec, x, y, cfg)
+            batch, ci = evaluate_batch(dec, x, y, cfg, autocast)
             for k, v in batch.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.eval_batches
-            ci_mass, n_pos = ci_mass + ci.reshape(-1, ci.shape[-1]).sum(0), n_pos + ci[..., 0].numel()
+            ci_mass, n_pos = ci_mass + ci.float().reshape(-1, ci.shape[-1]).sum(0), n_pos + ci[..., 0].numel()
+    keys = sorted(metrics)  # each process evaluated its own shard of the validation data: average them
+    metrics = dict(zip(keys, mean_over_processes(
+        torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=dec.target_device())).tolist()))
     metrics["l0/total"] = sum(metrics[f"l0/{n}"] for n in dec.comps)
     for n in dec.comps:  # per layer: paths such as h.3.attn.q_proj belong to layer h.3
         layer = re.match(r"(.*?\.\d+)\.", n)
@@ -657,7 +671,11 @@ def save_checkpoint(path: str, ckpt: dict):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path: str) -> dict:
+CKPT_KEYS = {"config", "step", "components", "target", "ci_fn", "optimizer", "adversary", "rng"}
+RANK_CKPT_KEYS = {"step", "adversary", "rng"}  # ckpt_rank{r}.pt: what differs between processes
+
+
+def load_checkpoint(path: str, keys=CKPT_KEYS) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"init_from='resume' but there is no checkpoint at {path}")
     try:
@@ -665,7 +683,7 @@ def load_checkpoint(path: str) -> dict:
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is corrupt "
                            "or not a vpd.py checkpoint") from e
-    missing = {"config", "step", "components", "target", "ci_fn", "optimizer", "adversary", "rng"} - set(ckpt)
+    missing = keys - set(ckpt)
     if missing:
         raise RuntimeError(f"checkpoint {path} lacks {sorted(missing)}; it is not a vpd.py checkpoint")
     return ckpt
@@ -724,11 +742,15 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     """Decompose `target`. get_batch(split, step) -> (x, y) gives the batch of a step ("train") or the
     i-th evaluation batch ("val"); y: next-token labels for language models, else None. truth: for toy
     models, what the decomposition should find (see models.py). Returns the final metrics."""
-    master = not dist.is_initialized() or dist.get_rank() == 0
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    master = rank == 0
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
+    rank_path = os.path.join(cfg.out_dir, f"ckpt_rank{rank}.pt")  # ranks > 0: their own RNG and adversary
     torch.manual_seed(cfg.seed)
-    dec = Decomposition(target, cfg)
+    dec = Decomposition(target, cfg)  # the same initial weights on every rank
+    if rank:  # but each rank its own masks, routing and adversary; rank 0 keeps the single-process stream
+        torch.manual_seed(cfg.seed + 1_000_003 * rank)
     device = dec.target_device()
     vu = [p for c in dec.comps.values() for p in (c.V, c.U)]
     params = vu + list(dec.ci_fn.parameters())
@@ -745,16 +767,21 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path)
         state = dict(ckpt["target"])
-        for n, vu in ckpt["components"].items():
-            state[f"{n}.V"], state[f"{n}.U"] = vu["V"], vu["U"]
+        for n, comp in ckpt["components"].items():
+            state[f"{n}.V"], state[f"{n}.U"] = comp["V"], comp["U"]
         dec.target.load_state_dict(state)
         dec.ci_fn.load_state_dict(ckpt["ci_fn"])
         opt.load_state_dict(ckpt["optimizer"])
-        adversary.load_state_dict({k: v.to(device) if torch.is_tensor(v) else v for k, v in ckpt["adversary"].items()})
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         start = ckpt["step"]
+        own = ckpt if master else (load_checkpoint(rank_path, RANK_CKPT_KEYS) if os.path.exists(rank_path) else None)
+        if own is not None and own["step"] == start:
+            adversary.load_state_dict({k: v.to(device) if torch.is_tensor(v) else v for k, v in own["adversary"].items()})
+            torch.set_rng_state(own["rng"]["cpu"])
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(own["rng"]["cuda"], device)
+        else:  # no file of this rank at this step (another world size, or a crash between the writes)
+            print(f"rank {rank}: no state at step {start} in {rank_path}; its adversary and noise start afresh")
+            torch.manual_seed(cfg.seed + 1_000_003 * rank + start)
         if master and os.path.exists(metrics_path):  # drop what the interrupted run logged after the checkpoint
             with open(metrics_path) as f:
                 kept = [line for line in f if json.loads(line)["step"] <= start]
@@ -779,16 +806,19 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint(step):
+        own = {"step": step, "adversary": adversary.state_dict(), "rng": {"cpu": torch.get_rng_state(),
+               **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}}
         if not master:
-            return
-        sd = dec.target.state_dict()
-        save_checkpoint(ckpt_path, {
-            "config": run_config or dataclasses.asdict(cfg), "step": step,
-            "components": {n: {"V": c.V.detach().cpu(), "U": c.U.detach().cpu()} for n, c in dec.comps.items()},
-            "target": {k: v.cpu() for k, v in sd.items() if not k.endswith((".V", ".U"))},
-            "ci_fn": dec.ci_fn.state_dict(), "optimizer": opt.state_dict(), "adversary": adversary.state_dict(),
-            "rng": {"cpu": torch.get_rng_state(),
-                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}})
+            save_checkpoint(rank_path, own)
+        if world_size() > 1:
+            dist.barrier()  # the other ranks' files are written before ckpt.pt moves on to this step
+        if master:
+            sd = dec.target.state_dict()
+            save_checkpoint(ckpt_path, {
+                "config": run_config or dataclasses.asdict(cfg), **own,
+                "components": {n: {"V": c.V.detach().cpu(), "U": c.U.detach().cpu()} for n, c in dec.comps.items()},
+                "target": {k: v.cpu() for k, v in sd.items() if not k.endswith((".V", ".U"))},
+                "ci_fn": dec.ci_fn.state_dict(), "optimizer": opt.state_dict()})
 
     t_last, step_last, n_tok, metrics, step_ms = time.perf_counter(), start, 0, {}, []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master, dynamic_ncols=True)
@@ -803,7 +833,10 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         losses, sources = training_losses(dec, x, adversary, cfg, p, adv_lr, autocast)
         coeffs = {"faith": cfg.faith_coeff, "imp": cfg.imp_coeff, "stoch": cfg.stoch_coeff, "adv": cfg.adv_coeff}
         total = sum(coeffs[k] * v.float() for k, v in losses.items())  # 5: the weighted sum in fp32
-        if not torch.isfinite(total):
+        finite = torch.isfinite(total.detach()).float()
+        if world_size() > 1:  # one rank's NaN stops every rank (alone, the others would hang in all-reduce)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite:
             raise FloatingPointError(f"step {step}: the loss is {total.item()} "
                                      f"({ {k: v.item() for k, v in losses.items()} }); the last good checkpoint "
                                      f"is {ckpt_path}")
@@ -829,10 +862,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t_last
-            values = torch.stack([v.detach().float() for v in losses.values()] + [total.detach()])
-            if world_size() > 1:  # log the mean over processes
-                dist.all_reduce(values)
-                values /= world_size()
+            values = mean_over_processes(torch.stack([v.detach().float() for v in losses.values()] + [total.detach()]))
             record = {"step": done, **dict(zip([*losses, "total"], values.tolist())), "p": p, "lr": lr,
                       "ms_per_step": 1000 * dt / (done - step_last), "tokens_per_s": n_tok / dt,
                       "peak_mem_gb": peak_memory_gb(device)}
@@ -841,7 +871,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
             if master:
                 bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if eval_now:
-            metrics = {"step": done, **evaluate(dec, get_batch, cfg, truth)}
+            metrics = {"step": done, **evaluate(dec, get_batch, cfg, truth, autocast)}
             log(metrics)
             if master:
                 bar.write("eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
