@@ -14,6 +14,7 @@ Language models (METHOD.md §8): LlamaSimpleMLP, with Goodfire's module paths so
 state dicts load with strict=True; token data from random tokens, uint16 memmaps made by
 data/*/prepare.py, or a Hugging Face dataset with an `input_ids` column, streamed and sharded by rank.
 """
+import glob
 import itertools
 import json
 import math
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -185,19 +187,28 @@ def token_batches(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", 
                                                            generator=batch_generator(seed, rank, split, step)))
 
     if any(os.path.exists(os.path.join(tcfg.dataset, f)) for f in ("train.bin", "prepare.py")):  # our data/*
-        meta = os.path.join(tcfg.dataset, "meta.json")  # written by the prepare.py that remap tokens
-        prepared = json.load(open(meta))["vocab_size"] if os.path.exists(meta) else 0
-        if prepared > tcfg.vocab_size:
-            raise ValueError(f"{tcfg.dataset} was prepared with a vocabulary of {prepared} tokens but "
+        meta = os.path.join(tcfg.dataset, "meta.json")  # vocab_size: remapped tokens; row_len: whole rows
+        meta = json.load(open(meta)) if os.path.exists(meta) else {}
+        if meta.get("vocab_size", 0) > tcfg.vocab_size:
+            raise ValueError(f"{tcfg.dataset} was prepared with a vocabulary of {meta['vocab_size']} tokens but "
                              f"vocab_size={tcfg.vocab_size}")
+        row_len = meta.get("row_len")  # the Pile's rows are unrelated: windows start at a row, stay in it
+        if row_len and row_len < T:
+            raise ValueError(f"{tcfg.dataset} holds rows of {row_len} tokens, fewer than seq_len={T}")
+        n = min(T + 1, row_len or T + 1)  # tokens per window; a row of exactly T has no label at its end
 
         def get_batch(split, step):
             path = os.path.join(tcfg.dataset, f"{split}.bin")
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path} is missing: run python {os.path.join(tcfg.dataset, 'prepare.py')}")
             data = np.memmap(path, dtype=np.uint16, mode="r")  # re-opened per batch, as nanoGPT (no leak)
-            starts = torch.randint(len(data) - T - 1, (batch_size,), generator=batch_generator(seed, rank, split, step))
-            return to_device(torch.stack([torch.from_numpy(data[i:i + T + 1].astype(np.int64)) for i in starts.tolist()]))
+            g = batch_generator(seed, rank, split, step)
+            starts = (torch.randint(len(data) // row_len, (batch_size,), generator=g) * row_len if row_len
+                      else torch.randint(len(data) - T - 1, (batch_size,), generator=g))
+            rows = torch.full((batch_size, T + 1), -1)
+            for b, i in enumerate(starts.tolist()):
+                rows[b, :n] = torch.from_numpy(data[i:i + n].astype(np.int64))
+            return to_device(rows)
         return get_batch
 
     import datasets  # streamed rows; a resumed or evaluating reader skips to the rows of its step
@@ -344,35 +355,54 @@ def train_target(tcfg: TargetConfig, path: str, device="cpu", dtype="float32", c
 
 
 def download_wandb_target(run_path: str, out_dir="out/targets") -> str:
-    """The latest model_step_*.pt of a W&B run ("wandb:entity/project/runs/id"), downloaded once."""
+    """The latest model_step_*.pt of a W&B run ("wandb:entity/project/runs/id"), downloaded once: later
+    starts and resumes use the local copy without asking W&B."""
+    entity, project, *_, run_id = run_path.removeprefix("wandb:").split("/")
+    root = os.path.join(out_dir, f"{project}-{run_id}")
+    step_of = lambda name: int(os.path.basename(name).removeprefix("model_step_").removesuffix(".pt"))
+    have = glob.glob(os.path.join(root, "model_step_*.pt"))
+    if have:
+        return max(have, key=step_of)
     try:
         import wandb
     except ImportError:
         raise SystemExit(f"target_path={run_path!r} needs wandb: `pip install wandb` and `wandb login` (or set "
                          "WANDB_API_KEY), or download the state dict yourself and pass its file as target_path")
-    entity, project, *_, run_id = run_path.removeprefix("wandb:").split("/")
     try:
         files = [f for f in wandb.Api().run(f"{entity}/{project}/{run_id}").files() if f.name.startswith("model_step_")]
     except Exception as e:
         raise SystemExit(f"cannot read W&B run {run_path!r} ({e}); check `wandb login` / WANDB_API_KEY and the path")
     if not files:
         raise SystemExit(f"W&B run {run_path!r} has no model_step_*.pt file")
-    latest = max(files, key=lambda f: int(f.name.removeprefix("model_step_").removesuffix(".pt")))
-    root = os.path.join(out_dir, f"{project}-{run_id}")
-    latest.download(root=root, exist_ok=True)
+    latest = max(files, key=lambda f: step_of(f.name))
+    latest.download(root=root + ".tmp", replace=True)
+    os.makedirs(root, exist_ok=True)
+    os.replace(os.path.join(root + ".tmp", latest.name), os.path.join(root, latest.name))  # whole or absent
     return os.path.join(root, latest.name)
+
+
+def target_file(tcfg: TargetConfig, cfg) -> str:
+    """The target's state-dict file: downloaded from W&B, or trained here when it is missing."""
+    path = tcfg.target_path or os.path.join(cfg.out_dir, "target.pt")
+    if path.startswith("wandb:"):
+        path = download_wandb_target(path)
+    if not os.path.exists(path):
+        print(f"target {path} not found: training it first (python models.py with this config does the same)")
+        train_target(tcfg, path, cfg.device, cfg.dtype, cfg.compile)
+    return path
 
 
 def build(tcfg: TargetConfig, cfg):
     """The target, its data and (toys) its ground truth, for vpd.py. Trains the target when its state
     dict is missing."""
     device = cfg.device
-    path = tcfg.target_path or os.path.join(cfg.out_dir, "target.pt")
-    if path.startswith("wandb:"):
-        path = download_wandb_target(path)
-    if not os.path.exists(path):
-        print(f"target {path} not found: training it first (python models.py with this config does the same)")
-        train_target(tcfg, path, device, cfg.dtype, cfg.compile)
+    if dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        dist.barrier()                # one process per machine downloads or trains the target, the others
+        path = target_file(tcfg, cfg)  # wait for it and then find it on disk
+    else:
+        path = target_file(tcfg, cfg)
+        if dist.is_initialized():
+            dist.barrier()
     model = build_model(tcfg).to(device)
     try:
         model.load_state_dict(torch.load(path, map_location=device, weights_only=True), strict=True)

@@ -461,6 +461,18 @@ def test_batch_streams_differ_across_ranks_steps_and_splits():
     assert stream(2, "train", 0) != stream(0, "train", 7919) and stream(1, "val", 0) != stream(0, "train", 3960)
 
 
+def pile_fixture(tmp_path):
+    """A local Hugging Face-style dataset with the Pile's schema: rows of 12 `input_ids`, row r of the
+    training split holding 100 r, ..., 100 r + 11 (validation: offset by 10,000)."""
+    ds = tmp_path / "pile"
+    ds.mkdir()
+    for split, offset in (("train", 0), ("validation", 10_000)):
+        with open(ds / f"{split}.jsonl", "w") as f:
+            for r in range(20):
+                f.write(json.dumps({"input_ids": list(range(offset + 100 * r, offset + 100 * r + 12))}) + "\n")
+    return str(ds)
+
+
 def test_token_batches_random_memmap_and_datasets_fixture(tmp_path):
     _, tcfg = tiny_lm()
     x, y = models.token_batches(tcfg, 4, seed=0)("train", 3)
@@ -480,14 +492,7 @@ def test_token_batches_random_memmap_and_datasets_fixture(tmp_path):
     (tmp_path / "bin" / "meta.json").write_text(json.dumps({"vocab_size": 64}))
     with pytest.raises(ValueError, match="vocabulary of 64 tokens but vocab_size=32"):
         models.token_batches(dataclasses.replace(tcfg, dataset=str(tmp_path / "bin")), 4, seed=0)
-    # a local Hugging Face-style dataset with the Pile's schema: rows of `input_ids`
-    ds = tmp_path / "pile"
-    ds.mkdir()
-    for split, offset in (("train", 0), ("validation", 10_000)):
-        with open(ds / f"{split}.jsonl", "w") as f:
-            for r in range(20):
-                f.write(json.dumps({"input_ids": list(range(offset + 100 * r, offset + 100 * r + 12))}) + "\n")
-    tcfg_ds = dataclasses.replace(tcfg, dataset=str(ds), val_split="validation")
+    tcfg_ds = dataclasses.replace(tcfg, dataset=pile_fixture(tmp_path), val_split="validation")
     get = models.token_batches(tcfg_ds, 2, seed=0)
     x, y = get("train", 0)
     assert x.tolist() == [list(range(0, 8)), list(range(100, 108))] and y[0].tolist() == list(range(1, 9))
@@ -501,6 +506,36 @@ def test_token_batches_random_memmap_and_datasets_fixture(tmp_path):
         get("train", 10)
     with pytest.raises(ValueError, match="fewer than seq_len"):
         models.token_batches(dataclasses.replace(tcfg_ds, seq_len=64), 2, seed=0)("train", 0)
+
+
+def test_wandb_target_uses_the_local_copy_or_says_what_is_missing(tmp_path, monkeypatch):
+    root = tmp_path / "spd-t-9d2b8f02"
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(SystemExit, match="pip install wandb"):  # no copy, no wandb here: how to get it
+        models.download_wandb_target("wandb:goodfire/spd/runs/t-9d2b8f02", out_dir=str(tmp_path))
+    root.mkdir()
+    for step in (900, 10_000):
+        torch.save({}, root / f"model_step_{step}.pt")
+    # downloaded before: the latest by step (not by name), without asking W&B (offline resume)
+    assert models.download_wandb_target("wandb:goodfire/spd/runs/t-9d2b8f02", out_dir=str(tmp_path)) == \
+        str(root / "model_step_10000.pt")
+
+
+def test_pile_prepare_keeps_rows_whole(tmp_path):
+    """data/pile/prepare.py's memmaps: every window is the start of one row, never two rows joined."""
+    out = tmp_path / "bin"
+    subprocess.run([sys.executable, "data/pile/prepare.py", "--dataset", pile_fixture(tmp_path), "--val_split",
+                    "validation", "--train_rows", "20", "--val_rows", "5", "--out_dir", str(out)], check=True,
+                   capture_output=True)
+    assert json.load(open(out / "meta.json")) == {"row_len": 12}
+    assert np.fromfile(out / "val.bin", dtype=np.uint16)[12] == 10_100
+    _, tcfg = tiny_lm()
+    for T in (8, 12):
+        x, y = models.token_batches(dataclasses.replace(tcfg, dataset=str(out), seq_len=T), 16, seed=0)("train", 0)
+        assert (x[:, 0] % 100 == 0).all() and (x == x[:, :1] + torch.arange(T)).all()  # whole rows from their start
+        assert (y[:, :-1] == x[:, 1:]).all() and (y[:, -1] == (x[:, -1] + 1 if T < 12 else -1)).all()
+    with pytest.raises(ValueError, match="rows of 12 tokens, fewer than seq_len=16"):
+        models.token_batches(dataclasses.replace(tcfg, dataset=str(out), seq_len=16), 4, seed=0)
 
 
 def test_lm_metrics_on_hand_built_masks():

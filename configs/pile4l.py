@@ -24,7 +24,7 @@ steps, lr, lr_warmup, lr_final, grad_clip = 400_000, 5e-5, 0.0, 0.1, 0.01
 faith_warmup_steps, faith_warmup_lr = 400, 1e-3
 batch_size = 64 // int(os.environ.get("WORLD_SIZE", 1))   # per process; 64 sequences in all
 dtype = "bfloat16"                                          # autocast; Δ and L_faith stay fp32
-eval_interval, eval_batches, eval_adv_steps = 1000, 2, [20]  # 2 x 64 = 128 sequences
+eval_interval, eval_batches, eval_adv_steps = 1000, 2, [20]  # 2 x 64 = 128 sequences (at 32: --eval_batches=4)
 # the paper also reports the adversary at 40-320 steps: --eval_adv_steps=[20,40,80,160,320] (16x the cost)
 ci_threshold = 0.0                                          # L0 counts any CI > 0
 log_interval, ckpt_interval = 100, 5000
