@@ -558,6 +558,11 @@ def test_lm_metrics_on_hand_built_masks():
     assert metrics["ce/target"] == pytest.approx(vpd.lm_ce(target_out, y), rel=1e-6)
     assert metrics["recon/adv5"] >= metrics["recon/adv0"]
     assert set(k for k in metrics if k.startswith("l0/")) == {f"l0/{n}" for n in dec.comps}
+    # under bf16 autocast (as training on CUDA): the same metrics, to bf16 precision
+    bf16, _ = vpd.evaluate_batch(dec, x, y, lm_config(eval_adv_steps=[0, 5]), torch.autocast("cpu", torch.bfloat16))
+    assert bf16.keys() == metrics.keys()
+    assert bf16["ce/zero"] == pytest.approx(metrics["ce/zero"], rel=0.02)
+    assert bf16["ce/ones"] == pytest.approx(metrics["ce/ones"], rel=0.02)
 
 
 def test_lm_run_end_to_end(tmp_path):
