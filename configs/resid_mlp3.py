@@ -7,3 +7,6 @@ target_path = "out/targets/resid_mlp3.pt"
 target_steps = 10_000
 modules = {"layers.*.mlp_in": 500, "layers.*.mlp_out": 500}   # SPD: C = 500, CI hidden 128
 ci_hidden = 128
+# measured with --ci_hidden=16 --batch_size=512 --steps=5000 (a step at batch 1024 takes ~3.7 s at width 128 on a
+# 2-core CPU, 1.3 s at 16): mlp_in 103-113 alive per layer, one subcomponent per feature up to 17-32 probe entries;
+# mlp_out 23-37 alive per layer, ~1.5 on per input, not the dense 17
