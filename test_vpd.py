@@ -372,7 +372,7 @@ def test_nan_loss_is_a_clear_error(tmp_path):
 
 
 def test_short_run_recovers_tms_5_2(tmp_path):
-    """A shortened configs/tms_5_2.py run recovers one subcomponent per feature in both matrices."""
+    """The full configs/tms_5_2.py run (seed 0) recovers one subcomponent per feature in both matrices."""
     cfg, tcfg = vpd.configure([os.path.join(os.path.dirname(__file__), "configs", "tms_5_2.py"),
                                f"--out_dir={tmp_path}", f"--target_path={tmp_path}/target.pt", "--device='cpu'"],
                               vpd.Config(), models.TargetConfig())
