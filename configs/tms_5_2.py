@@ -7,7 +7,7 @@ target_batch_size = 1024
 
 modules = {"linear1": 20, "linear2": 20}     # C = 20 > 5: the superfluous subcomponents must die
 # the target is tied (linear2's weight is linear1's transposed), so tie the subcomponents too (METHOD.md §7
-# allows it): untied, only 2 of seeds 0-7 recovered linear1; tied, 7 of 8 (seed 5 fails), at 7k steps and at 8k
+# allows it): untied, only 2 of seeds 0-7 recovered linear1; tied, 7 of 8 at 8k steps and 11 of 12 at 7k (seed 5 fails)
 tie = {"linear2": "linear1"}
 # VPD machinery (vpd.Config's defaults): persistent adversary with 2 inner steps, uniform-k-subset
 # routing, the lower-leaky sigmoid. SPD's recipe: --adv_coeff=0 --routing=layerwise --p_start=1.0 --p_end=1.0
