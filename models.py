@@ -381,28 +381,21 @@ def download_wandb_target(run_path: str, out_dir="out/targets") -> str:
     return os.path.join(root, latest.name)
 
 
-def target_file(tcfg: TargetConfig, cfg) -> str:
-    """The target's state-dict file: downloaded from W&B, or trained here when it is missing."""
+def build(tcfg: TargetConfig, cfg):
+    """The target, its data and (toys) its ground truth, for vpd.py. Trains the target when its state
+    dict is missing."""
+    device = cfg.device
+    waits = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) > 0
+    if waits:  # one process per machine downloads or trains the target; the others then find it on disk
+        dist.barrier()
     path = tcfg.target_path or os.path.join(cfg.out_dir, "target.pt")
     if path.startswith("wandb:"):
         path = download_wandb_target(path)
     if not os.path.exists(path):
         print(f"target {path} not found: training it first (python models.py with this config does the same)")
-        train_target(tcfg, path, cfg.device, cfg.dtype, cfg.compile)
-    return path
-
-
-def build(tcfg: TargetConfig, cfg):
-    """The target, its data and (toys) its ground truth, for vpd.py. Trains the target when its state
-    dict is missing."""
-    device = cfg.device
-    if dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) > 0:
-        dist.barrier()                # one process per machine downloads or trains the target, the others
-        path = target_file(tcfg, cfg)  # wait for it and then find it on disk
-    else:
-        path = target_file(tcfg, cfg)
-        if dist.is_initialized():
-            dist.barrier()
+        train_target(tcfg, path, device, cfg.dtype, cfg.compile)
+    if dist.is_initialized() and not waits:
+        dist.barrier()
     model = build_model(tcfg).to(device)
     try:
         model.load_state_dict(torch.load(path, map_location=device, weights_only=True), strict=True)

@@ -559,7 +559,8 @@ def test_lm_metrics_on_hand_built_masks():
     assert metrics["recon/adv5"] >= metrics["recon/adv0"]
     assert set(k for k in metrics if k.startswith("l0/")) == {f"l0/{n}" for n in dec.comps}
     # under bf16 autocast (as training on CUDA): the same metrics, to bf16 precision
-    bf16, _ = vpd.evaluate_batch(dec, x, y, lm_config(eval_adv_steps=[0, 5]), torch.autocast("cpu", torch.bfloat16))
+    with torch.autocast("cpu", torch.bfloat16):
+        bf16, _ = vpd.evaluate_batch(dec, x, y, lm_config(eval_adv_steps=[0, 5]))
     assert bf16.keys() == metrics.keys()
     assert bf16["ce/zero"] == pytest.approx(metrics["ce/zero"], rel=0.02)
     assert bf16["ce/ones"] == pytest.approx(metrics["ce/ones"], rel=0.02)

@@ -538,10 +538,10 @@ def eval_masks(dec, ci, threshold) -> dict:
             "rounded": dec.masks((ci > threshold).float(), none), "zero": dec.masks(torch.zeros_like(ci), none)}
 
 
-def evaluate_batch(dec, x, y, cfg, autocast=nullcontext()):
+def evaluate_batch(dec, x, y, cfg):
     """Metrics of one batch: reconstruction (and CE for language models) under each kind of mask,
     hidden-activation MSE, the evaluation adversary, L0. Also returns the batch's CI [..., ΣC]."""
-    with torch.no_grad(), autocast:  # the precision training uses, so that eval sees training's CI
+    with torch.no_grad():
         target_out = dec(x)
         target_hidden = {n: F.linear(c.input, c.weight, c.bias) for n, c in dec.comps.items()}
         ci, _ = dec.causal_importance()
@@ -551,7 +551,7 @@ def evaluate_batch(dec, x, y, cfg, autocast=nullcontext()):
              for n, c in dec.comps.items()]
     try:
         for kind, masks in eval_masks(dec, ci, cfg.ci_threshold).items():
-            with torch.no_grad(), autocast:
+            with torch.no_grad():
                 out = dec.masked(x, masks)
             metrics[f"recon/{kind}"] = recon_loss(out, target_out, cfg.recon_loss).item()
             if y is not None:
@@ -562,9 +562,7 @@ def evaluate_batch(dec, x, y, cfg, autocast=nullcontext()):
     finally:
         for h in hooks:
             h.remove()
-    with autocast:
-        found = eval_adversary(dec, x, target_out, ci, cfg, cfg.eval_adv_steps)
-    for steps, loss in found.items():
+    for steps, loss in eval_adversary(dec, x, target_out, ci, cfg, cfg.eval_adv_steps).items():
         metrics[f"recon/adv{steps}"] = loss
     for n, g in dec.split(ci).items():
         metrics[f"l0/{n}"] = (g > cfg.ci_threshold).sum(-1).float().mean().item()
@@ -581,7 +579,8 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
         torch.manual_seed(cfg.seed + 1)
         for i in range(cfg.eval_batches):
             x, y = get_batch("val", i)
-            batch, ci = evaluate_batch(dec, x, y, cfg, autocast)
+            with autocast:  # the precision training uses, so that evaluation sees training's CI
+                batch, ci = evaluate_batch(dec, x, y, cfg)
             for k, v in batch.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.eval_batches
             ci_mass, n_pos = ci_mass + ci.float().reshape(-1, ci.shape[-1]).sum(0), n_pos + ci[..., 0].numel()
@@ -671,11 +670,8 @@ def save_checkpoint(path: str, ckpt: dict):
     os.replace(path + ".tmp", path)
 
 
-CKPT_KEYS = {"config", "step", "components", "target", "ci_fn", "optimizer", "adversary", "rng"}
-RANK_CKPT_KEYS = {"step", "adversary", "rng"}  # ckpt_rank{r}.pt: what differs between processes
-
-
-def load_checkpoint(path: str, keys=CKPT_KEYS) -> dict:
+def load_checkpoint(path: str, keys=("config", "step", "components", "target", "ci_fn", "optimizer", "adversary",
+                                     "rng")) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"init_from='resume' but there is no checkpoint at {path}")
     try:
@@ -683,7 +679,7 @@ def load_checkpoint(path: str, keys=CKPT_KEYS) -> dict:
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is corrupt "
                            "or not a vpd.py checkpoint") from e
-    missing = keys - set(ckpt)
+    missing = set(keys) - set(ckpt)
     if missing:
         raise RuntimeError(f"checkpoint {path} lacks {sorted(missing)}; it is not a vpd.py checkpoint")
     return ckpt
@@ -773,15 +769,16 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         dec.ci_fn.load_state_dict(ckpt["ci_fn"])
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
-        own = ckpt if master else (load_checkpoint(rank_path, RANK_CKPT_KEYS) if os.path.exists(rank_path) else None)
-        if own is not None and own["step"] == start:
+        own = ckpt  # rank 0's adversary and noise state; the other ranks' are in their own files
+        if not master:
+            own = load_checkpoint(rank_path, ("step", "adversary", "rng")) if os.path.exists(rank_path) else {"step": None}
+        if own["step"] == start:
             adversary.load_state_dict({k: v.to(device) if torch.is_tensor(v) else v for k, v in own["adversary"].items()})
             torch.set_rng_state(own["rng"]["cpu"])
             if device.type == "cuda":
                 torch.cuda.set_rng_state(own["rng"]["cuda"], device)
         else:  # no file of this rank at this step (another world size, or a crash between the writes)
             print(f"rank {rank}: no state at step {start} in {rank_path}; its adversary and noise start afresh")
-            torch.manual_seed(cfg.seed + 1_000_003 * rank + start)
         if master and os.path.exists(metrics_path):  # drop what the interrupted run logged after the checkpoint
             with open(metrics_path) as f:
                 kept = [line for line in f if json.loads(line)["step"] <= start]
