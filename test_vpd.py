@@ -274,6 +274,8 @@ def test_configurator(tmp_path):
     assert (cfg.lr, cfg.steps, cfg.modules, cfg.out_dir) == (3e-4, 7, {"h.*.mlp": 8}, "a=b/c")
     assert cfg.imp_coeff == 1.0 and isinstance(cfg.imp_coeff, float)  # an int is fine for a float key
     assert cfg.eval_adv_steps == [20, 40] and tcfg.n_features == 40 and cfg.compile is True
+    (cfg,) = vpd.configure(["--steps=9", str(path)], vpd.Config())  # an override wins wherever it stands
+    assert (cfg.steps, cfg.lr) == (9, 3e-4)
 
 
 def test_configurator_errors(tmp_path):
@@ -587,10 +589,10 @@ def test_memory_plan_stops_a_run_that_cannot_fit():
     assert plan["adversary sources and moments"] == 12 * 4 * 8 * (ssc + 12)
     assert plan["total"] == sum(v for k, v in plan.items() if k != "total")
     # activations: measured on 1 and 2 sequences and extrapolated; the whole batch of 4 saves as much
-    assert plan["activations"] == pytest.approx(vpd.saved_activation_bytes(dec, cfg, x), rel=0.02)
-    vpd.check_memory(plan, torch.device("cpu"), 4)  # tiny: fits
+    assert plan["activations"] == pytest.approx(vpd.activation_bytes(dec, cfg, x), rel=0.02)
+    vpd.check_memory(plan, torch.device("cpu"), cfg)  # tiny: fits
     with pytest.raises(SystemExit, match="lower batch_size"):
-        vpd.check_memory({**plan, "activations": 2**50, "total": 2**50}, torch.device("cpu"), 4)
+        vpd.check_memory({**plan, "activations": 2**50, "total": 2**50}, torch.device("cpu"), cfg)
 
 
 def _ddp_step(rank, world, init_file, out_file):

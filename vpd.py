@@ -20,7 +20,6 @@ import ast
 import dataclasses
 import difflib
 import fnmatch
-import functools
 import json
 import math
 import os
@@ -216,16 +215,12 @@ class SubcomponentMLPs(nn.Module):
         return (hidden * self.W2).sum(-1) + self.b2                            # [..., ΣC]
 
 
-@functools.lru_cache(maxsize=8)
-def rope_angles(T: int, D: int, base: float, device):
-    freqs = base ** (-torch.arange(D // 2, device=device, dtype=torch.float32) / (D // 2))
-    angles = torch.arange(T, device=device, dtype=torch.float32)[:, None] * freqs  # [T, D/2]
-    return angles.cos(), angles.sin()
-
-
 def rope(x, base=10000.0):
     """Rotary position embedding over the whole head, half-split pairs (i, i + D/2). x [B, H, T, D]."""
-    cos, sin = rope_angles(*x.shape[-2:], base, x.device)
+    T, D = x.shape[-2:]
+    freqs = base ** (-torch.arange(D // 2, device=x.device, dtype=torch.float32) / (D // 2))
+    angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freqs  # [T, D/2]
+    cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.float().chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).type_as(x)
 
@@ -264,7 +259,9 @@ class CITransformer(nn.Module):
     def forward(self, inputs: dict, comps: dict = None) -> dict:
         x = torch.cat([F.rms_norm(inputs[n], (d,)) for n, d in self.d_ins.items()], -1)  # [B, T, Σd_in]
         flat = x.dim() == 2  # toy inputs [B, d]: one position per sample
-        x = self.proj_in(x[:, None] if flat else x)                                      # [B, T, d_model]
+        # the residual stream in fp32: under bf16 autocast the matmuls still run in bf16, and RMSNorm
+        # (fp32 weight) keeps its fused kernel, which refuses a bf16 input
+        x = self.proj_in(x[:, None] if flat else x).float()                              # [B, T, d_model]
         for block in self.blocks:
             x = block(x)
         z = self.proj_out(self.norm(x)).float()                                          # [B, T, ΣC]
@@ -754,10 +751,10 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     adversary = Adversary()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and device.type == "cuda"
                 else nullcontext())
-    plan = memory_plan(dec, cfg, get_batch("train", 0)[0], autocast)
-    check_memory(plan, device, cfg.batch_size, cfg.memory_check, master)
     if cfg.compile:  # the CI function with both sigmoids, fused; modules untouched: state-dict keys stay the same
         dec.causal_importance = torch.compile(dec.causal_importance)
+    plan = memory_plan(dec, cfg, get_batch("train", 0)[0], autocast)
+    check_memory(plan, device, cfg, verbose=master)
 
     start = 0
     if cfg.init_from == "resume":
@@ -796,6 +793,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
             tie_gradients(dec)
             warm.step()
             dec.tie_weights()
+        del warm  # its moments (8 bytes per entry of V and U) would stay allocated for the whole run
 
     def log(record):
         if master:
@@ -849,6 +847,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         # 8: the adversary's outer step, with the gradient the main backward left on the sources
         if cfg.adv_coeff:
             adversary.ascend(sources.grad / cfg.adv_coeff, adv_lr)
+            sources = None  # its gradient [*positions, ΣC + M] would live on through the next step's losses
 
         n_tok += dec.n_positions() * world_size()
         done = step + 1
@@ -885,18 +884,34 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     return metrics
 
 
-def saved_activation_bytes(dec, cfg, x, autocast=nullcontext()) -> int:
-    """Bytes that the losses of one training step on batch x keep for the backward (the frozen target's
-    and the trainable parameters excluded), counted by watching what autograd saves."""
-    saved = {}
+def activation_bytes(dec, cfg, x, autocast=nullcontext()) -> int:
+    """Bytes that one training step on batch x needs besides the weights, the gradients of V, U and the CI
+    function, and the optimiser's and the adversary's state. On CUDA: the allocator's peak over the losses
+    (the adversary's inner steps included) and the backward, so the backward's transient gradients count,
+    and the CI function runs compiled when training compiles it. Elsewhere there are no allocator
+    statistics: what autograd saves for the backward, without the transients, a lower bound."""
+    with torch.random.fork_rng([x.device] if x.is_cuda else []):
+        if x.is_cuda:
+            for p in dec.parameters():  # as in training, where a step's gradients live until the next backward
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+            base = torch.cuda.memory_allocated(x.device)
+            torch.cuda.reset_peak_memory_stats(x.device)
+            adversary = Adversary()
+            losses, _ = training_losses(dec, x, adversary, cfg, cfg.p_start, 0.0, autocast)
+            sum(losses.values()).backward()
+            dec.zero_grad(set_to_none=True)
+            state = 3 * adversary.sources.numel() * 4 if adversary.sources is not None else 0
+            return torch.cuda.max_memory_allocated(x.device) - base - state
+        saved = {}
 
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.random.fork_rng([x.device] if x.is_cuda else []), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        # the inner ascent steps free their graphs before the losses are built: leave them out
-        training_losses(dec, x, Adversary(), dataclasses.replace(cfg, adv_steps=0), cfg.p_start, 0.0, autocast)
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        # eager, so that no graph is compiled for these batch sizes; the inner ascent steps free their graphs
+        # before the losses are built: leave them out
+        with torch.compiler.set_stance("force_eager"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            training_losses(dec, x, Adversary(), dataclasses.replace(cfg, adv_steps=0), cfg.p_start, 0.0, autocast)
     params = {p.untyped_storage().data_ptr() for p in dec.parameters()}
     return sum(n for ptr, n in saved.items() if ptr not in params)
 
@@ -906,9 +921,9 @@ def memory_plan(dec, cfg, x, autocast=nullcontext()) -> dict:
     stops before it begins. Activations: measured on the first one and two samples (sequences) of the
     batch and extrapolated linearly to the whole batch, so that any target and CI function is covered.
     The transient gradients of the backward come on top."""
-    one = saved_activation_bytes(dec, cfg, x[:1], autocast)
+    one = activation_bytes(dec, cfg, x[:1], autocast)
     pos = dec.n_positions() * len(x)  # per process
-    two = saved_activation_bytes(dec, cfg, x[:2], autocast)
+    two = activation_bytes(dec, cfg, x[:2], autocast)
     trainable = sum(p.numel() for p in dec.parameters() if p.requires_grad)
     plan = {
         "target weights": sum(p.numel() * p.element_size() for p in dec.target.parameters() if not p.requires_grad),
@@ -921,9 +936,12 @@ def memory_plan(dec, cfg, x, autocast=nullcontext()) -> dict:
     return plan
 
 
-def check_memory(plan: dict, device, batch_size: int, stop=True, verbose=True):
+def check_memory(plan: dict, device, cfg: Config, verbose=True):
+    """Stop before training when the plan does not fit in 90% of the free memory: on an H100 the plan of
+    pile4l at batch 24 fell 6% short of the peak (62.5 of 66.4 GiB)."""
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        torch.cuda.empty_cache()  # the plan's own measurement left blocks in the allocator's cache
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)  # the plan counts these
     elif os.path.exists("/proc/meminfo"):  # Linux: what the OS can give without swapping, page cache included
         with open("/proc/meminfo") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
@@ -932,13 +950,14 @@ def check_memory(plan: dict, device, batch_size: int, stop=True, verbose=True):
     if verbose:
         print("memory plan per process: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in plan.items())
               + f" (free: {free / 2**30:.1f} GiB)")
-    if stop and plan["total"] > free:
+    usable = 0.9 * free
+    if cfg.memory_check and plan["total"] > usable:
         fixed = plan["total"] - plan["adversary sources and moments"] - plan["activations"]
-        fits = int(batch_size * (free - fixed) / max(1, plan["total"] - fixed))
-        raise SystemExit(f"this run needs about {plan['total'] / 2**30:.1f} GiB per process but {free / 2**30:.1f} GiB "
-                         f"are free: lower batch_size (per process) to about {max(fits, 0)}, spread the batch over "
-                         "more GPUs with torchrun, or use dtype='bfloat16' on CUDA (--memory_check=False "
-                         "runs anyway)")
+        fits = int(cfg.batch_size * (usable - fixed) / max(1, plan["total"] - fixed))
+        bf16 = ", or use dtype='bfloat16'" if device.type == "cuda" and cfg.dtype != "bfloat16" else ""
+        raise SystemExit(f"this run needs about {plan['total'] / 2**30:.1f} GiB per process, more than 90% of the "
+                         f"{free / 2**30:.1f} GiB free: lower batch_size (per process) to about {max(fits, 0)}, spread "
+                         f"the batch over more GPUs with torchrun{bf16} (--memory_check=False runs anyway)")
 
 
 def peak_memory_gb(device):
@@ -951,9 +970,9 @@ def peak_memory_gb(device):
 # Entry point: python vpd.py [config.py] [--key=value ...]
 
 def configure(argv: list, *configs):
-    """nanoGPT-style configuration onto dataclass instances: a config file (plain Python that sets
-    variables) then --key=value overrides, parsed as Python literals or else taken as strings. Unknown
-    keys and values of the wrong type are errors."""
+    """nanoGPT-style configuration onto dataclass instances: config files (plain Python that sets
+    variables), then the --key=value overrides wherever they stand, parsed as Python literals or else
+    taken as strings. Unknown keys and values of the wrong type are errors."""
     fields = {f.name: cfg for cfg in configs for f in dataclasses.fields(cfg)}
 
     def assign(key, value, where):
@@ -969,7 +988,7 @@ def configure(argv: list, *configs):
                              f"got {value!r} ({type(value).__name__})")
         setattr(cfg, key, value)
 
-    for arg in argv:
+    for arg in sorted(argv, key=lambda a: a.startswith("--")):  # stable: files first, each group in order
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -992,7 +1011,10 @@ def configure(argv: list, *configs):
 
 def main(argv):
     import models  # the toy and language-model targets, their data and their training
-    if not argv or argv[0].startswith("--"):
+    # the masks, logits and their gradients differ in size between the losses: segments that grow in place
+    # instead of cached blocks of fixed sizes leave less memory stranded (set before CUDA starts)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if all(arg.startswith("--") for arg in argv):
         default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tms_5_2.py")
         print(f"no config file given: using {os.path.relpath(default)}")
         argv = [default, *argv]

@@ -1,8 +1,9 @@
 # The VPD paper's decomposition of the 67M-parameter 4-layer LlamaSimpleMLP trained on the Pile
 # (METHOD.md §8): 38,912 subcomponents over the 24 block matrices, global shared transformer CI.
 #   torchrun --standalone --nproc_per_node=8 vpd.py configs/pile4l.py    # 8 GPUs x 8 sequences
-#   python vpd.py configs/pile4l.py                                       # one GPU, all 64 sequences:
-#     ~133 GiB in bf16 (11.6 + 1.89 per sequence, measured): an 80 GB GPU needs --batch_size=32
+#   python vpd.py configs/pile4l.py --batch_size=24                       # one 80 GB GPU
+# Memory in bf16, measured on an H100: 11.7 GiB + 2.28 GiB per sequence (batch 24: 66.4 GiB peak, 565
+# ms/step); so 8 x 8 sequences take ~30 GiB per GPU, and all 64 on one GPU (~158 GiB) fit no GPU.
 # Target: Goodfire's pretrained weights from W&B (needs `pip install wandb` and a login), or a local
 # state dict with --target_path=... Data: streamed from the Hub, or --dataset=data/pile after
 # python data/pile/prepare.py for a local, repeatable copy.
@@ -24,7 +25,7 @@ steps, lr, lr_warmup, lr_final, grad_clip = 400_000, 5e-5, 0.0, 0.1, 0.01
 faith_warmup_steps, faith_warmup_lr = 400, 1e-3
 batch_size = 64 // int(os.environ.get("WORLD_SIZE", 1))   # per process; 64 sequences in all
 dtype = "bfloat16"                                          # autocast; Δ and L_faith stay fp32
-eval_interval, eval_batches, eval_adv_steps = 1000, 2, [20]  # 2 x 64 = 128 sequences (at 32: --eval_batches=4)
+eval_interval, eval_batches, eval_adv_steps = 1000, 2, [20]  # 2 x 64 = 128 sequences (at 24: --eval_batches=5)
 # the paper also reports the adversary at 40-320 steps: --eval_adv_steps=[20,40,80,160,320] (16x the cost)
 ci_threshold = 0.0                                          # L0 counts any CI > 0
 log_interval, ckpt_interval = 100, 5000
