@@ -342,6 +342,16 @@ def test_checkpoint_contents_and_resume_equality(tmp_path, monkeypatch):
                {k: b[k] for k in ("faith", "imp", "stoch", "adv", "total")}, a["step"]
 
 
+def test_evaluation_does_not_change_the_training_run(tmp_path):
+    runs = []
+    for every in (0, 4):  # evaluation draws random masks: from its own stream, so the losses stay the same
+        cfg, tcfg, model = toy_run(tmp_path, out_dir=str(tmp_path / f"eval{every}"), eval_interval=every, steps=12)
+        vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed), None)
+        runs.append([{k: r[k] for k in ("faith", "imp", "stoch", "adv")}
+                     for r in train_losses(os.path.join(cfg.out_dir, "metrics.jsonl"))])
+    assert len(runs[0]) == 12 and runs[0] == runs[1]
+
+
 def test_tied_matrices_stay_transposes_of_each_other(tmp_path):
     """TMS's linear2 weight is linear1's transposed; tied, linear2's V, U must remain linear1's U, V
     transposed through the warm-up, AdamW with clipping and the adversary, bit for bit."""
