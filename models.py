@@ -251,10 +251,11 @@ def build_model(tcfg: TargetConfig) -> nn.Module:
 
 def batch_generator(seed: int, rank: int, split: str, step: int) -> torch.Generator:
     """The random stream of one batch: a function of (seed, rank, split, step) only, so a resumed run
-    sees exactly the batches the interrupted one would have. Train and validation streams differ by
-    parity; ranks are 2^40 apart, so no two ranks (nor a rank's validation) share a batch in any run
-    shorter than 2^39 steps."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 2**40 + step * 2 + (split == "val") + 1)
+    sees exactly the batches the interrupted one would have. torch's CPU generator uses only the low 32
+    bits of its seed, so everything fits there: train and validation differ by parity, and ranks (up to
+    64) are 2^26 apart, so no two share a batch in a run shorter than 2^25 steps; rank 0 keeps the
+    single-process stream."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank * 2**26 + step * 2 + (split == "val") + 1) % 2**32)
 
 
 def sparse_features(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", rank: int = 0):

@@ -465,12 +465,16 @@ def test_llama_loads_goodfire_key_names_and_matches_reference():
 
 def test_batch_streams_differ_across_ranks_steps_and_splits():
     """Data parallelism must not replay one rank's batches on another (an odd rank stride once did:
-    rank 2 at step 0 drew rank 0's batch of step 7919), nor validation batches in training."""
-    def stream(rank, split, step):
-        return models.batch_generator(0, rank, split, step).initial_seed()
-    seeds = [stream(rank, split, step) for rank in range(8) for split in ("train", "val") for step in range(2000)]
-    assert len(set(seeds)) == len(seeds)
+    rank 2 at step 0 drew rank 0's batch of step 7919; a stride of 2^40 gave every rank the same batch),
+    nor validation batches in training."""
+    def stream(rank, split, step):  # the numbers drawn, not the seed: torch keeps only 32 bits of it
+        return tuple(torch.randint(2**62, (2,), generator=models.batch_generator(0, rank, split, step)).tolist())
+    draws = [stream(rank, split, step) for rank in range(8) for split in ("train", "val") for step in range(2000)]
+    assert len(set(draws)) == len(draws)
     assert stream(2, "train", 0) != stream(0, "train", 7919) and stream(1, "val", 0) != stream(0, "train", 3960)
+    x0, _ = models.sparse_features(models.TargetConfig(), 64, seed=0, rank=0)("train", 5)
+    x1, _ = models.sparse_features(models.TargetConfig(), 64, seed=0, rank=1)("train", 5)
+    assert not torch.equal(x0, x1)
 
 
 def pile_fixture(tmp_path):

@@ -919,8 +919,8 @@ def activation_bytes(dec, cfg, x, autocast=nullcontext()) -> int:
 def memory_plan(dec, cfg, x, autocast=nullcontext()) -> dict:
     """Bytes one process needs for training, by item, printed at the start so that a run that cannot fit
     stops before it begins. Activations: measured on the first one and two samples (sequences) of the
-    batch and extrapolated linearly to the whole batch, so that any target and CI function is covered.
-    The transient gradients of the backward come on top."""
+    batch and extrapolated linearly to the whole batch, so that any target and CI function is covered
+    (on CUDA with the backward's transient gradients, elsewhere without: see activation_bytes)."""
     one = activation_bytes(dec, cfg, x[:1], autocast)
     pos = dec.n_positions() * len(x)  # per process
     two = activation_bytes(dec, cfg, x[:2], autocast)
