@@ -5,5 +5,7 @@ out_dir = "out/resid_mlp2"
 n_layers, d_mlp = 2, 25
 target_path = "out/targets/resid_mlp2.pt"
 modules = {"layers.*.mlp_in": 400, "layers.*.mlp_out": 400}   # SPD: C = 400
+# resid_mlp1's VPD recipe with SPD's C. Goodfire's own resid_mlp2 recipe (METHOD.md §7) needs a CI MLP
+# shared by all subcomponents, which vpd.py does not have (per-subcomponent MLPs or the transformer)
 # measured at 4k of the 8k steps (~1 h at 1 thread): mlp_in one subcomponent per feature in both layers
 # (target-CI errors 2 / 11); mlp_out 119 / 136 alive, not the dense block

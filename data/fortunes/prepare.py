@@ -59,7 +59,7 @@ def read_fortunes(directory: str) -> list:
         except UnicodeDecodeError:
             text = raw.decode("latin-1")  # a few old cookie files
         fortunes += [f.strip("\n") for f in text.split("\n%\n") if f.strip() and f.strip() != "%"]
-    return fortunes
+    return list(dict.fromkeys(fortunes))  # some cookie files repeat a fortune: keep one, so no split shares it
 
 
 def main():
