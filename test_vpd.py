@@ -694,10 +694,10 @@ def test_two_process_training_resumes_exactly_with_each_rank_its_own_noise(tmp_p
 def test_fortunes_prepare_on_a_fixture(tmp_path):
 
     root = tmp_path / "fortunes"
-    for sub, text in (("", "Hello world\n%\nA penny saved.\n%\n"), ("de", "Guten Tag\n%\nDas ist gut.\n%\n"),
-                      ("es", "Hola mundo\n%\n"), ("it", "Ciao mondo\n%\n")):
+    for sub, text in (("", "Hello world"), ("de", "Guten Tag"), ("es", "Hola mundo"), ("it", "Ciao mondo")):
         (root / sub).mkdir(parents=True, exist_ok=True)
-        (root / sub / "cookies").write_text(text * 5)
+        cookies = [f"{text}, number {i}." for i in range(6)]
+        (root / sub / "cookies").write_text("\n%\n".join(cookies + cookies[:2]) + "\n%\n")  # two repeats
         (root / sub / "cookies.dat").write_bytes(b"\x00binary index")
     out = tmp_path / "out"
     subprocess.run([sys.executable, "data/fortunes/prepare.py", "--root", str(root), "--out_dir", str(out),
@@ -706,6 +706,8 @@ def test_fortunes_prepare_on_a_fixture(tmp_path):
     assert meta["vocab_size"] == 16 and meta["gpt2_ids"][0] == 50256 and meta["gpt2_ids"][-1] == -1
     ids = np.fromfile(out / "train.bin", dtype=np.uint16)
     assert ids.max() < 16 and (ids == 0).sum() > 0  # <|endoftext|> between fortunes
+    n_docs = sum((np.fromfile(out / f"{s}.bin", dtype=np.uint16) == 0).sum() for s in ("train", "val"))
+    assert n_docs == 4 * 6  # the repeated fortunes are kept once
     sys.path.insert(0, "data/fortunes")
     import prepare
     enc = prepare.gpt2_encoding()
