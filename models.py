@@ -35,7 +35,8 @@ from vpd import rope
 @dataclass
 class TargetConfig:
     model: str = "tms"               # "tms", "resid_mlp" or "llama_simple_mlp"
-    target_path: str = ""            # state dict; "" means out_dir/target.pt. Trained when missing.
+    target_path: str = ""            # state dict; "" means out_dir/target.pt. Trained when missing,
+    train_target: bool = True        # unless this is False (then a missing file is an error)
                                      # "wandb:entity/project/runs/id": a W&B run's latest model_step_*.pt
     target_seed: int = 0
     # toy models
@@ -393,6 +394,8 @@ def build(tcfg: TargetConfig, cfg):
     if path.startswith("wandb:"):
         path = download_wandb_target(path)
     if not os.path.exists(path):
+        if not tcfg.train_target:
+            raise SystemExit(f"target {path} not found (train_target=False: this config decomposes a given target)")
         print(f"target {path} not found: training it first (python models.py with this config does the same)")
         train_target(tcfg, path, device, cfg.dtype, cfg.compile)
     if dist.is_initialized() and not waits:

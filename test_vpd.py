@@ -524,6 +524,14 @@ def test_token_batches_random_memmap_and_datasets_fixture(tmp_path):
         models.token_batches(dataclasses.replace(tcfg_ds, seq_len=64), 2, seed=0)("train", 0)
 
 
+def test_a_missing_target_is_an_error_where_the_config_forbids_training_one(tmp_path):
+    cfg, tcfg = vpd.configure([os.path.join(os.path.dirname(__file__), "configs", "pile4l.py"),
+                               f"--target_path={tmp_path}/typo.pt", "--device='cpu'"], vpd.Config(), models.TargetConfig())
+    with pytest.raises(SystemExit, match="typo.pt not found .train_target=False"):
+        models.build(tcfg, cfg)
+    assert not os.path.exists(tmp_path / "typo.pt")
+
+
 def test_wandb_target_uses_the_local_copy_or_says_what_is_missing(tmp_path, monkeypatch):
     root = tmp_path / "spd-t-9d2b8f02"
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed

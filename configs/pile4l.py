@@ -14,6 +14,7 @@ model = "llama_simple_mlp"
 n_layers, d_model, n_heads, d_mlp, vocab_size, seq_len = 4, 768, 6, 3072, 50277, 512
 target_path = "wandb:goodfire/spd/runs/t-9d2b8f02"
 dataset = "danbraunai/pile-uncopyrighted-tok-shuffled"
+train_target = False   # a mistyped target_path is an error, not a cue to pre-train a 67M model here
 
 modules = {"h.*.attn.q_proj": 512, "h.*.attn.k_proj": 512, "h.*.attn.v_proj": 1024, "h.*.attn.o_proj": 1024,
            "h.*.mlp.c_fc": 3072, "h.*.mlp.down_proj": 3584}
@@ -23,7 +24,7 @@ stoch_coeff, adv_coeff, recon_loss = 0.5, 0.5, "kl"
 routing, adv_routing, adv_steps, adv_lr = "uniform_k_subset", "all", 2, 0.01
 steps, lr, lr_warmup, lr_final, grad_clip = 400_000, 5e-5, 0.0, 0.1, 0.01
 faith_warmup_steps, faith_warmup_lr = 400, 1e-3
-batch_size = 64 // int(os.environ.get("WORLD_SIZE", 1))   # per process; 64 sequences in all
+batch_size = 64 // int(os.environ.get("WORLD_SIZE", 1))   # per process; 64 in all when the world size divides 64
 dtype = "bfloat16"                                          # autocast; Δ and L_faith stay fp32
 eval_interval, eval_batches, eval_adv_steps = 1000, 2, [20]  # 2 x 64 = 128 sequences (at 24: --eval_batches=5)
 # the paper also reports the adversary at 40-320 steps: --eval_adv_steps=[20,40,80,160,320] (16x the cost)
