@@ -3,7 +3,8 @@
 #   torchrun --standalone --nproc_per_node=8 vpd.py configs/pile4l.py    # 8 GPUs x 8 sequences
 #   python vpd.py configs/pile4l.py --batch_size=24                       # one 80 GB GPU
 # Memory in bf16, measured on an H100: 11.7 GiB + 2.28 GiB per sequence (batch 24: 66.4 GiB peak, 565
-# ms/step); so 8 x 8 sequences take ~30 GiB per GPU, and all 64 on one GPU (~158 GiB) fit no GPU.
+# ms/step); so 8 x 8 sequences take ~33 GiB per GPU (all-reduce buffer included), and all 64 on one GPU
+# (~158 GiB) fit no GPU.
 # Target: Goodfire's pretrained weights from W&B (needs `pip install wandb` and a login), or a local
 # state dict with --target_path=... Data: streamed from the Hub, or --dataset=data/pile after
 # python data/pile/prepare.py for a local, repeatable copy.
