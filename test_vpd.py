@@ -291,6 +291,10 @@ def test_configurator_errors(tmp_path):
         vpd.configure([str(bad)], vpd.Config())
     with pytest.raises(SystemExit, match="expected --key=value"):
         vpd.configure(["--steps"], vpd.Config())
+    for wrong in ("--steps=None", "--compile=false", "--modules={[]: 1}"):  # None only where it is the default
+        with pytest.raises(SystemExit, match="takes a"):
+            vpd.configure([wrong], vpd.Config())
+    assert vpd.configure(["--compile=None"], vpd.Config())[0].compile is None
 
 
 # -- training, checkpoints, resume --------------------------------------------------------------------
@@ -381,6 +385,39 @@ def test_nan_loss_is_a_clear_error(tmp_path):
     get_batch = models.sparse_features(tcfg, cfg.batch_size, cfg.seed)
     with pytest.raises(FloatingPointError, match="loss is nan"):
         vpd.train(cfg, model, lambda split, step: (get_batch(split, step)[0] * float("nan"), None))
+
+
+def test_non_finite_weights_never_replace_the_last_good_checkpoint(tmp_path):
+    cfg, tcfg, model = toy_run(tmp_path, eval_interval=0)
+    get_batch = models.sparse_features(tcfg, cfg.batch_size, cfg.seed)
+
+    def poisoning(split, step):  # the step before the checkpoint at 20: a finite loss, NaN gradients on V
+        if split == "train" and step == 19:
+            model.linear1.V.register_hook(lambda g: g * float("nan"))
+        return get_batch(split, step)
+    with pytest.raises(FloatingPointError, match="non-finite weights"):
+        vpd.train(cfg, model, poisoning)
+    ckpt = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 10 and torch.isfinite(ckpt["components"]["linear1"]["V"]).all()
+
+
+def test_resume_after_a_torn_log_line_with_another_batch_size_and_zero_intervals(tmp_path, capsys):
+    cfg, tcfg, model = toy_run(tmp_path, eval_interval=0)
+    vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed))
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    with open(metrics_path, "a") as f:
+        f.write('{"step": 21, "faith": 0.')  # a crash in the middle of a write
+    _, _, model2 = toy_run(tmp_path)
+    cfg2 = dataclasses.replace(cfg, init_from="resume", steps=30, batch_size=32, log_interval=0, ckpt_interval=0)
+    vpd.train(cfg2, model2, models.sparse_features(tcfg, 32, cfg.seed))
+    assert "starting afresh" in capsys.readouterr().out  # the adversary's saved sources were for batch 64
+    assert [r["step"] for r in train_losses(metrics_path)] == list(range(1, 21)) + [30]  # 0: only at the end
+    ckpt = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 30 and ckpt["adversary"]["sources"].shape[0] == 32
+    # a fresh run in the same out_dir sets the earlier checkpoint aside instead of leaving it to a resume
+    _, _, model3 = toy_run(tmp_path)
+    vpd.train(dataclasses.replace(cfg, steps=5), model3, models.sparse_features(tcfg, cfg.batch_size, cfg.seed))
+    assert torch.load(os.path.join(cfg.out_dir, "ckpt.pt.prev"), weights_only=True)["step"] == 30
 
 
 def test_short_run_recovers_tms_5_2(tmp_path):

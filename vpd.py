@@ -90,8 +90,8 @@ class Config:
     eval_adv_steps: list = field(default_factory=lambda: [20])  # report adversarial loss at these steps
     ci_threshold: float = 0.1        # L0 counts CI above this (LM: 0.0)
     alive_threshold: float = 1e-6    # alive: mean CI above this
-    log_interval: int = 100
-    ckpt_interval: int = 1000
+    log_interval: int = 100          # 0: only at the end
+    ckpt_interval: int = 1000        # 0: only at the end
 
 
 # the keys that take one of a few words, and those words
@@ -443,10 +443,14 @@ class Adversary:
         self.sources, self.m, self.v, self.t = None, None, None, 0
 
     def leaves(self, shape, device):
-        """The sources as a fresh leaf tensor that collects gradients (initialised U(0, 1) on first use)."""
-        if self.sources is None:
+        """The sources as a fresh leaf tensor that collects gradients, initialised U(0, 1) on first use or
+        when a resumed run's batch has another shape."""
+        if self.sources is None or self.sources.shape != shape:
+            if self.sources is not None:
+                print(f"adversary: saved sources {tuple(self.sources.shape)} do not fit batch {tuple(shape)}; "
+                      "starting afresh")
             self.sources = torch.rand(shape, device=device)
-            self.m, self.v = torch.zeros_like(self.sources), torch.zeros_like(self.sources)
+            self.m, self.v, self.t = torch.zeros_like(self.sources), torch.zeros_like(self.sources), 0
         return self.sources.detach().requires_grad_()
 
     @torch.no_grad()
@@ -755,6 +759,8 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         dec.causal_importance = torch.compile(dec.causal_importance)
     plan = memory_plan(dec, cfg, get_batch("train", 0)[0], autocast)
     check_memory(plan, device, cfg, verbose=master)
+    if cfg.eval_interval > 0:
+        get_batch("val", 0)  # a missing validation split fails now, not after eval_interval steps
 
     start = 0
     if cfg.init_from == "resume":
@@ -772,20 +778,24 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         if own["step"] == start:
             adversary.load_state_dict({k: v.to(device) if torch.is_tensor(v) else v for k, v in own["adversary"].items()})
             torch.set_rng_state(own["rng"]["cpu"])
-            if device.type == "cuda":
+            if device.type == "cuda" and "cuda" in own["rng"]:  # absent when the run moved from the CPU
                 torch.cuda.set_rng_state(own["rng"]["cuda"], device)
         else:  # no file of this rank at this step (another world size, or a crash between the writes)
             print(f"rank {rank}: no state at step {start} in {rank_path}; its adversary and noise start afresh")
         if master and os.path.exists(metrics_path):  # drop what the interrupted run logged after the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start]
-            with open(metrics_path, "w") as f:
+            with open(metrics_path) as f:  # (and a last line the crash tore: it has no newline)
+                kept = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= start]
+            with open(metrics_path + ".tmp", "w") as f:
                 f.writelines(kept)
+            os.replace(metrics_path + ".tmp", metrics_path)
         if master:
             print(f"resuming from {ckpt_path} at step {start}")
     else:
         if master and os.path.exists(metrics_path):
             os.remove(metrics_path)
+        if master and os.path.exists(ckpt_path):  # an earlier run's: kept, but where no resume will take it
+            os.replace(ckpt_path, ckpt_path + ".prev")
+            print(f"a fresh run: the earlier {ckpt_path} is now {ckpt_path}.prev")
         warm = torch.optim.AdamW(vu, lr=cfg.faith_warmup_lr, weight_decay=0)
         for _ in range(cfg.faith_warmup_steps):  # faithfulness warm-up: start from (V U)^T ≈ W
             warm.zero_grad(set_to_none=True)
@@ -801,6 +811,8 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint(step):
+        if not all(torch.isfinite(prm).all() for prm in params):  # a finite loss can still leave NaN gradients
+            raise FloatingPointError(f"step {step}: non-finite weights; the last good checkpoint is {ckpt_path}")
         own = {"step": step, "adversary": adversary.state_dict(), "rng": {"cpu": torch.get_rng_state(),
                **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}}
         if not master:
@@ -851,9 +863,9 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
 
         n_tok += dec.n_positions() * world_size()
         done = step + 1
-        log_now = done % cfg.log_interval == 0 or done == cfg.steps
-        eval_now = cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.steps)
-        ckpt_now = done % cfg.ckpt_interval == 0 or done == cfg.steps
+        log_now = done == cfg.steps or (cfg.log_interval > 0 and done % cfg.log_interval == 0)
+        eval_now = cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.steps)
+        ckpt_now = done == cfg.steps or (cfg.ckpt_interval > 0 and done % cfg.ckpt_interval == 0)
         if log_now:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -866,14 +878,14 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
             log(record)
             if master:
                 bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        if ckpt_now:  # before evaluating: an evaluation that fails must not cost the steps since the last one
+            checkpoint(done)
         if eval_now:
             metrics = {"step": done, **evaluate(dec, get_batch, cfg, truth, autocast)}
             log(metrics)
             if master:
                 bar.write("eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                              if "/" not in k or k.endswith("total") or k.startswith(("recon", "ce/"))))
-        if ckpt_now:
-            checkpoint(done)
         if log_now or eval_now or ckpt_now:  # the timer measures training steps only
             t_last, step_last, n_tok = time.perf_counter(), done, 0
     if master and len(step_ms) > 1:
@@ -973,18 +985,17 @@ def configure(argv: list, *configs):
     """nanoGPT-style configuration onto dataclass instances: config files (plain Python that sets
     variables), then the --key=value overrides wherever they stand, parsed as Python literals or else
     taken as strings. Unknown keys and values of the wrong type are errors."""
-    fields = {f.name: cfg for cfg in configs for f in dataclasses.fields(cfg)}
+    fields = {f.name: (cfg, f.type, f.default) for cfg in configs for f in dataclasses.fields(cfg)}
 
     def assign(key, value, where):
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1)
             raise SystemExit(f"unknown config key {key!r} in {where}" + (f"; did you mean {near[0]!r}?" if near else ""))
-        cfg = fields[key]
-        default = getattr(cfg, key)
-        if isinstance(default, float) and type(value) is int:
+        cfg, kind, default = fields[key]
+        if kind is float and type(value) is int:
             value = float(value)
-        if default is not None and value is not None and type(value) is not type(default):
-            raise SystemExit(f"config key {key!r} in {where} takes a {type(default).__name__}, "
+        if type(value) is not kind and not (value is None and default is None):  # None: only where it is the default
+            raise SystemExit(f"config key {key!r} in {where} takes a {kind.__name__}, "
                              f"got {value!r} ({type(value).__name__})")
         setattr(cfg, key, value)
 
@@ -995,7 +1006,7 @@ def configure(argv: list, *configs):
                 raise SystemExit(f"expected --key=value, got {arg!r}")
             try:
                 value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, TypeError):
                 value = text  # a bare string such as --out_dir=out/x
             assign(key, value, "the command line")
         else:
@@ -1019,11 +1030,11 @@ def main(argv):
         print(f"no config file given: using {os.path.relpath(default)}")
         argv = [default, *argv]
     cfg, tcfg = configure(argv, Config(), models.TargetConfig())
-    if "RANK" in os.environ:  # launched by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" in os.environ:  # launched by torchrun
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if cfg.device == "cuda" and dist.is_initialized():
         cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(cfg.device)
