@@ -944,6 +944,8 @@ def memory_plan(dec, cfg, x, autocast=nullcontext()) -> dict:
         "adversary sources and moments": 12 * pos * (sum(dec.Cs) + len(dec.Cs)) if cfg.adv_coeff else 0,
         "activations": one + (two - one) * (x.shape[0] - 1),
     }
+    if world_size() > 1:
+        plan["gradient all-reduce buffer"] = 4 * trainable  # the flat copy sync_gradients reduces
     plan["total"] = sum(plan.values())
     return plan
 
