@@ -35,9 +35,9 @@ from vpd import rope
 @dataclass
 class TargetConfig:
     model: str = "tms"               # "tms", "resid_mlp" or "llama_simple_mlp"
-    target_path: str = ""            # state dict; "" means out_dir/target.pt. Trained when missing,
-    train_target: bool = True        # unless this is False (then a missing file is an error)
+    target_path: str = ""            # state dict; "" means out_dir/target.pt. Trained when missing.
                                      # "wandb:entity/project/runs/id": a W&B run's latest model_step_*.pt
+    train_target: bool = True        # False: a missing target file is an error instead
     target_seed: int = 0
     # toy models
     n_features: int = 5
