@@ -182,11 +182,11 @@ def test_lower_leaky_hard_sigmoid_values_and_gradients():
 
 
 def test_upper_leaky_hard_sigmoid_values_and_gradients():
-    z = torch.tensor([-1.0, 0.25, 0.75, 3.0], requires_grad=True)
+    z = torch.tensor([-1.0, 0.0, 0.25, 0.75, 1.0, 3.0], requires_grad=True)
     y = vpd.upper_leaky_hard_sigmoid(z)
-    assert y.tolist() == pytest.approx([0.0, 0.25, 0.75, 1.02])
+    assert y.tolist() == pytest.approx([0.0, 0.0, 0.25, 0.75, 1.0, 1.02])
     y.sum().backward()
-    assert z.grad.tolist() == pytest.approx([0.0, 1.0, 1.0, 0.01])
+    assert z.grad.tolist() == pytest.approx([0.0, 1.0, 1.0, 1.0, 1.0, 0.01])  # the kinks: clamp's own convention
 
 
 def test_ci_functions_shapes():
