@@ -250,6 +250,12 @@ def test_target_ci_error_patterns():
     assert vpd.target_ci_error(dense, ("dense", 2)) == 0
     dense[2, 3] = 0.0
     assert vpd.target_ci_error(dense, ("dense", 2)) == 1
+    # Goodfire's count-only reading: columns 1 and 3 are each fully on somewhere, the rest silent
+    assert vpd.target_ci_error(dense, ("dense_alive", 2)) == 0
+    dense[:, 3] = 0.5     # column 3 half on everywhere: 4 errors in the strict reading, 1 (never on) here
+    dense[0, 5] = 0.2     # a third column switches on a little: one extra error in both readings
+    assert vpd.target_ci_error(dense, ("dense", 2)) == 5
+    assert vpd.target_ci_error(dense, ("dense_alive", 2)) == 2
 
 
 def test_mmcs_ml2r_of_an_exact_decomposition():

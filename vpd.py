@@ -513,7 +513,11 @@ def toy_feature_metrics(W, comp: Components):
 def target_ci_error(ci, pattern, tol=0.1):
     """Entries of a CI matrix on one-hot probes (ci [n_features, C]) that miss the expected pattern by
     more than tol. ("identity", n): one subcomponent per feature, matched by linear assignment.
-    ("dense", k): the same k subcomponents on for every feature, all others off."""
+    ("dense", k): the same k subcomponents on for every feature, all others off (METHOD.md §6).
+    ("dense_alive", k): Goodfire's looser reading of "dense" (their DenseCIPattern): the k columns of most
+    CI mass must each be on for at least one probe, the others never above tol: one error per such column
+    never on, and per entry above tol in the other columns. It checks how many subcomponents a matrix
+    uses, not whether they fire together."""
     kind, k = pattern
     expected = torch.zeros_like(ci)
     if kind == "identity":
@@ -522,6 +526,10 @@ def target_ci_error(ci, pattern, tol=0.1):
         expected[rows, cols] = 1
     elif kind == "dense":
         expected[:, ci.mean(0).topk(k).indices] = 1
+    elif kind == "dense_alive":
+        order = ci.sum(0).argsort(descending=True)
+        never_on = ((ci[:, order[:k]] >= 1 - tol).sum(0) == 0).sum()
+        return int(never_on + (ci[:, order[k:]] > tol).sum())
     else:
         raise ValueError(f"unknown CI pattern {kind!r}")
     return int(((ci - expected).abs() > tol).sum())
@@ -610,6 +618,8 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
         ci = probe_ci(dec, truth["probes"])
         for n, pattern in truth["patterns"].items():
             metrics[f"ci_error/{n}"] = target_ci_error(ci[n], pattern)
+            if pattern[0] == "dense":  # also by Goodfire's count-only reading, to compare with their numbers
+                metrics[f"ci_error_alive/{n}"] = target_ci_error(ci[n], ("dense_alive", pattern[1]))
         metrics["ci_error/total"] = sum(metrics[f"ci_error/{n}"] for n in truth["patterns"])
     return metrics
 
