@@ -258,6 +258,22 @@ def test_target_ci_error_patterns():
     assert vpd.target_ci_error(dense, ("dense_alive", 2)) == 2
 
 
+def test_evaluation_scores_dense_patterns_both_ways():
+    """A TMS-id identity layer (dense, k = n_hidden) is scored in METHOD.md's reading and Goodfire's
+    count-only one; identity patterns have only the one reading."""
+    tcfg = models.TargetConfig(identity_layer=True)
+    torch.manual_seed(0)
+    model = models.build_model(tcfg)
+    cfg = vpd.Config(modules={"linear1": 6, "hidden": 4, "linear2": 6}, device="cpu")
+    dec = vpd.Decomposition(model, cfg)
+    truth = models.toy_truth(tcfg, model, "cpu")
+    metrics = vpd.evaluate(dec, models.sparse_features(tcfg, 32, 0), cfg, truth)
+    ci = vpd.probe_ci(dec, truth["probes"])["hidden"]
+    assert metrics["ci_error/hidden"] == vpd.target_ci_error(ci, ("dense", tcfg.n_hidden))
+    assert metrics["ci_error_alive/hidden"] == vpd.target_ci_error(ci, ("dense_alive", tcfg.n_hidden))
+    assert "ci_error_alive/linear1" not in metrics
+
+
 def test_mmcs_ml2r_of_an_exact_decomposition():
     W = torch.randn(2, 5)  # TMS linear1.weight [n_hidden, n_features]
     comp = vpd.Components(nn.Linear(5, 2, bias=False), C=7)
