@@ -251,16 +251,27 @@ def test_target_ci_error_patterns():
     dense[2, 3] = 0.0
     assert vpd.target_ci_error(dense, ("dense", 2)) == 1
     # Goodfire's count-only reading: columns 1 and 3 are each fully on somewhere, the rest silent
-    assert vpd.target_ci_error(dense, ("dense_alive", 2)) == 0
+    assert vpd.target_ci_error(dense, ("dense_count", 2)) == 0
     dense[:, 3] = 0.5     # column 3 half on everywhere: 4 errors in the strict reading, 1 (never on) here
     dense[0, 5] = 0.2     # a third column switches on a little: one extra error in both readings
     assert vpd.target_ci_error(dense, ("dense", 2)) == 5
-    assert vpd.target_ci_error(dense, ("dense_alive", 2)) == 2
+    assert vpd.target_ci_error(dense, ("dense_count", 2)) == 2
+    # columns ranked by CI mass, not by their largest entry; exactly 1 - tol counts as on
+    edge = torch.zeros(3, 3)
+    edge[:, 0] = 0.9      # mass 2.7, on
+    edge[:, 2] = 0.6      # mass 1.8: in the top 2 but never on (1 error)
+    edge[0, 1] = 0.95     # mass 0.95: outside the top 2, one entry above tol (1 error)
+    assert vpd.target_ci_error(edge, ("dense_count", 2)) == 2
+    with pytest.raises(ValueError, match="C >= 4"):
+        vpd.target_ci_error(edge, ("dense_count", 4))
 
 
-def test_evaluation_scores_dense_patterns_both_ways():
+def test_evaluation_scores_dense_patterns_both_ways(monkeypatch):
     """A TMS-id identity layer (dense, k = n_hidden) is scored in METHOD.md's reading and Goodfire's
     count-only one; identity patterns have only the one reading."""
+    calls, score = [], vpd.target_ci_error
+    monkeypatch.setattr(vpd, "target_ci_error", lambda ci, pattern: calls.append((pattern, tuple(ci.shape)))
+                        or score(ci, pattern))
     tcfg = models.TargetConfig(identity_layer=True)
     torch.manual_seed(0)
     model = models.build_model(tcfg)
@@ -269,9 +280,10 @@ def test_evaluation_scores_dense_patterns_both_ways():
     truth = models.toy_truth(tcfg, model, "cpu")
     metrics = vpd.evaluate(dec, models.sparse_features(tcfg, 32, 0), cfg, truth)
     ci = vpd.probe_ci(dec, truth["probes"])["hidden"]
-    assert metrics["ci_error/hidden"] == vpd.target_ci_error(ci, ("dense", tcfg.n_hidden))
-    assert metrics["ci_error_alive/hidden"] == vpd.target_ci_error(ci, ("dense_alive", tcfg.n_hidden))
-    assert "ci_error_alive/linear1" not in metrics
+    assert metrics["ci_error/hidden"] == score(ci, ("dense", tcfg.n_hidden))
+    assert metrics["ci_error_count/hidden"] == score(ci, ("dense_count", tcfg.n_hidden))
+    assert "ci_error_count/linear1" not in metrics
+    assert (("dense", 2), (5, 4)) in calls and (("dense_count", 2), (5, 4)) in calls  # k = n_hidden, on `hidden`
 
 
 def test_mmcs_ml2r_of_an_exact_decomposition():

@@ -514,11 +514,13 @@ def target_ci_error(ci, pattern, tol=0.1):
     """Entries of a CI matrix on one-hot probes (ci [n_features, C]) that miss the expected pattern by
     more than tol. ("identity", n): one subcomponent per feature, matched by linear assignment.
     ("dense", k): the same k subcomponents on for every feature, all others off (METHOD.md §6).
-    ("dense_alive", k): Goodfire's looser reading of "dense" (their DenseCIPattern): the k columns of most
-    CI mass must each be on for at least one probe, the others never above tol: one error per such column
-    never on, and per entry above tol in the other columns. It checks how many subcomponents a matrix
-    uses, not whether they fire together."""
+    ("dense_count", k): Goodfire's looser reading of "dense" (their DenseCIPattern): the k columns of most
+    CI mass (ties: the first) must each be on for at least one probe, the others never above tol: one error
+    per such column never on, and per entry above tol in the other columns. It checks how many
+    subcomponents a matrix uses, not whether they fire together."""
     kind, k = pattern
+    if kind != "identity" and k > ci.shape[1]:
+        raise ValueError(f"a dense pattern of {k} subcomponents needs C >= {k}, got C = {ci.shape[1]}")
     expected = torch.zeros_like(ci)
     if kind == "identity":
         from scipy.optimize import linear_sum_assignment  # the Hungarian method
@@ -526,8 +528,8 @@ def target_ci_error(ci, pattern, tol=0.1):
         expected[rows, cols] = 1
     elif kind == "dense":
         expected[:, ci.mean(0).topk(k).indices] = 1
-    elif kind == "dense_alive":
-        order = ci.sum(0).argsort(descending=True)
+    elif kind == "dense_count":
+        order = ci.sum(0).argsort(descending=True, stable=True)
         never_on = ((ci[:, order[:k]] >= 1 - tol).sum(0) == 0).sum()
         return int(never_on + (ci[:, order[k:]] > tol).sum())
     else:
@@ -619,7 +621,7 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
         for n, pattern in truth["patterns"].items():
             metrics[f"ci_error/{n}"] = target_ci_error(ci[n], pattern)
             if pattern[0] == "dense":  # also by Goodfire's count-only reading, to compare with their numbers
-                metrics[f"ci_error_alive/{n}"] = target_ci_error(ci[n], ("dense_alive", pattern[1]))
+                metrics[f"ci_error_count/{n}"] = target_ci_error(ci[n], ("dense_count", pattern[1]))
         metrics["ci_error/total"] = sum(metrics[f"ci_error/{n}"] for n in truth["patterns"])
     return metrics
 
