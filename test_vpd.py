@@ -771,23 +771,219 @@ def test_two_process_training_resumes_exactly_with_each_rank_its_own_noise(tmp_p
 
 
 def test_fortunes_prepare_on_a_fixture(tmp_path):
-
     root = tmp_path / "fortunes"
     for sub, text in (("", "Hello world"), ("de", "Guten Tag"), ("es", "Hola mundo"), ("it", "Ciao mondo")):
         (root / sub).mkdir(parents=True, exist_ok=True)
-        cookies = [f"{text}, number {i}." for i in range(6)]
+        cookies = [f"{text}, number {i}." for i in range(20)]
         (root / sub / "cookies").write_text("\n%\n".join(cookies + cookies[:2]) + "\n%\n")  # two repeats
         (root / sub / "cookies.dat").write_bytes(b"\x00binary index")
     out = tmp_path / "out"
     subprocess.run([sys.executable, "data/fortunes/prepare.py", "--root", str(root), "--out_dir", str(out),
-                    "--vocab_size", "16"], check=True, capture_output=True)
+                    "--vocab_size", "300", "--held_out", "0.1", "--mix", "en=1,de=0.5,es=0.25,it=0.25"],
+                   check=True, capture_output=True)
     meta = json.load(open(out / "meta.json"))
-    assert meta["vocab_size"] == 16 and meta["gpt2_ids"][0] == 50256 and meta["gpt2_ids"][-1] == -1
-    ids = np.fromfile(out / "train.bin", dtype=np.uint16)
-    assert ids.max() < 16 and (ids == 0).sum() > 0  # <|endoftext|> between fortunes
-    n_docs = sum((np.fromfile(out / f"{s}.bin", dtype=np.uint16) == 0).sum() for s in ("train", "val"))
-    assert n_docs == 4 * 6  # the repeated fortunes are kept once
+    assert meta["vocab_size"] == 300 and meta["eot"] == 299
     sys.path.insert(0, "data/fortunes")
     import prepare
-    enc = prepare.gpt2_encoding()
-    assert enc.encode("Hello world") == [15496, 995]  # GPT-2's ids, from the hash-checked files
+    assert prepare.gpt2_encoding().encode("Hello world") == [15496, 995]  # GPT-2's ids, from the hash-checked files
+    enc = prepare.gpt2_encoding(300)
+    docs = {}
+    for path in out.glob("*.bin"):  # every split of every language: whole fortunes, none in two splits
+        ids = np.fromfile(path, dtype=np.uint16).tolist()
+        assert max(ids) < 300 and ids[-1] == 299
+        text = enc.decode(ids)
+        assert "\ufffd" not in text                                     # no <unk>: a truncated BPE encodes anything
+        docs[path.stem] = text.split("<|endoftext|>")[:-1]
+    for lang, word in (("en", "Hello"), ("de", "Guten"), ("es", "Hola"), ("it", "Ciao")):
+        splits = [set(docs[f"{s}_{lang}"]) for s in ("train", "val", "dev", "test")]
+        assert all(d.startswith(word) for s in splits for d in s)
+        assert sum(map(len, splits)) == len(set.union(*splits)) == len(splits[0]) + 6  # disjoint; 2 held out each
+    assert sorted(docs["train"]) == sorted(d for lang in ("en", "de", "es", "it") for d in docs[f"train_{lang}"])
+    assert len(docs["train_en"]) == 14 and len(docs["train_de"]) == 7   # the mix: German half of English's tokens
+
+
+# -- edit.py: component edits -----------------------------------------------------------------------
+
+import edit  # noqa: E402
+
+LANGS = ["en", "de", "es", "it"]
+
+
+@pytest.fixture(scope="module")
+def lm_decomposition(tmp_path_factory):
+    """A tiny language model and its decomposition, trained a few steps on a 4-language fixture corpus in
+    which each language draws its own 8 of the 32 tokens (plus a shared few); token files as
+    data/fortunes/prepare.py writes them."""
+    root = tmp_path_factory.mktemp("edit")
+    data = root / "data"
+    data.mkdir()
+    g = np.random.default_rng(0)
+    for i, lang in enumerate(LANGS):
+        for split in ("train", "val", "dev", "test"):
+            own = g.integers(8 * i, 8 * i + 8, 3000)
+            shared = g.integers(0, 32, 3000)
+            np.where(g.random(3000) < 0.8, own, shared).astype(np.uint16).tofile(data / f"{split}_{lang}.bin")
+    for split in ("train", "val"):
+        np.concatenate([np.fromfile(data / f"{split}_{lang}.bin", dtype=np.uint16) for lang in LANGS]).tofile(data / f"{split}.bin")
+    model, tcfg = tiny_lm(dataset=str(data))
+    cfg = lm_config(out_dir=str(root / "dec"), steps=10, batch_size=8, eval_interval=0, log_interval=0,
+                    faith_warmup_steps=20)
+    vpd.train(cfg, model, models.token_batches(tcfg, 8, seed=0),
+              run_config={**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)})
+    return root, data, os.path.join(cfg.out_dir, "ckpt.pt")
+
+
+def edit_config(root, data, ckpt, **overrides):
+    base = dict(ckpt=ckpt, out_dir=str(root / "edit"), data=str(data), tokenizer="ids", seq_len=8,
+                analysis_windows=16, eval_windows=16, top_k=3, n_contexts=1, budgets=[1, 12], seeds=[0], steps=3,
+                keep_batch=2, scalar_lrs=[0.1], lora_lrs=[1e-2], lambdas=[0.5, 2.0], save_budget=12)
+    return edit.EditConfig(**{**base, **overrides})
+
+
+def test_edits_at_identity_change_nothing_and_bake_into_plain_weights(lm_decomposition, tmp_path):
+    _, _, ckpt = lm_decomposition
+    target, _, comps, tcfg, _ = edit.load_decomposition(ckpt)
+    x = torch.randint(32, (3, 8), generator=torch.Generator().manual_seed(1))
+    before = target(x)
+    keys = ["h.0.attn.v_proj:1", "h.1.mlp.c_fc:5"]
+    for identity in (edit.ScalarEdit(comps, keys), edit.LoRA(target, list(comps), 4, seed=0)):  # m = 1; B = 0
+        with edit.applied(identity, target):
+            assert torch.equal(target(x), before)                      # bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(edit.bake(identity, target).state_dict().values(),
+                                                     target.state_dict().values()))
+    # m = 0 removes exactly one rank-1 term, W' = W - (V[:, c] ⊗ U[c, :])^T, and nothing else
+    baked = edit.bake(edit.ScalarEdit(comps, ["h.0.attn.v_proj:1"], init=0.0), target)
+    V, U = comps["h.0.attn.v_proj"]["V"], comps["h.0.attn.v_proj"]["U"]
+    for name, w in baked.state_dict().items():
+        expected = target.state_dict()[name] - (torch.outer(V[:, 1], U[1]).T if name == "h.0.attn.v_proj.weight" else 0)
+        torch.testing.assert_close(w, expected, rtol=0, atol=1e-7)
+    # a trained edit: the hooks while training and the baked weights give the same model; saved, it reloads
+    # into the plain model class with weights_only=True and gives identical logits
+    for trained in (edit.ScalarEdit(comps, keys), edit.LoRA(target, ["h.1.mlp.down_proj"], 1, seed=0)):
+        with torch.no_grad():
+            for p in trained.parameters():
+                p.add_(torch.randn(p.shape) * 0.3)
+        with edit.applied(trained, target):
+            hooked = target(x)
+        baked = edit.bake(trained, target)
+        torch.testing.assert_close(baked(x), hooked, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(hooked, before)
+        edit.save_model(baked, str(tmp_path / "edited.pt"))
+        plain = models.build_model(tcfg)
+        plain.load_state_dict(torch.load(tmp_path / "edited.pt", weights_only=True))
+        assert type(plain) is models.LlamaSimpleMLP and torch.equal(plain(x), baked(x))
+
+
+def test_toy_edit_moves_only_its_feature():
+    """On TMS with an exact decomposition, one subcomponent per feature, rescaling feature 2's subcomponent
+    of linear1 changes the outputs of the probe with feature 2 and of no other probe."""
+    torch.manual_seed(0)
+    model = models.TMS(5, 2)
+    W = model.linear1.weight.detach()                                    # [2, 5]
+    comps = {"linear1": {"V": torch.eye(5), "U": W.T.clone()}}           # (V U)^T = W: subcomponent c reads feature c
+    probes = 0.75 * torch.eye(5)
+    before = model(probes)
+    for m in (0.0, -1.0, 2.0):
+        with torch.no_grad(), edit.applied(edit.ScalarEdit(comps, ["linear1:2"], init=m), model):
+            moved = model(probes) - before
+        assert moved[torch.arange(5) != 2].abs().max() == 0 and moved[2].abs().max() > 0
+
+
+def test_edit_objective_hand_values_and_token_budget():
+    V, T = 50, 8
+    uniform = torch.zeros(2, T, V)
+    y = torch.randint(V, (2, T))
+    keep = torch.randn(3, T, V)
+    loss, ce, kl = edit.edit_objective(uniform, y, keep, keep, lam=2.0, chance=math.log(V))
+    assert ce.item() == pytest.approx(math.log(V)) and kl.item() == pytest.approx(0, abs=1e-6)
+    assert loss.item() == pytest.approx(0, abs=1e-6)                     # at chance: nothing left to gain
+    peaked = torch.full((2, T, V), -10.0).scatter(-1, y[..., None], 10.0)
+    loss, ce, _ = edit.edit_objective(peaked, y, keep, keep + 1.0, lam=2.0, chance=math.log(V))  # a shift: KL 0
+    assert loss.item() == pytest.approx(math.log(V) - ce.item(), abs=1e-5)
+    tokens = torch.arange(1000)
+    for n in (1, 5, 8, 13, 64):
+        x, y = edit.budget_batch(tokens, n, T, seed=n)
+        assert (y != -1).sum() == n and x.shape == (-(-n // T), T)       # exactly n supervised tokens
+        assert (y[y != -1] == (x + 1)[y != -1]).all()                    # the next token is the label
+
+
+def test_edit_pipeline_end_to_end_resumable_with_choices_on_dev(lm_decomposition, monkeypatch):
+    root, data, ckpt = lm_decomposition
+    cfg = edit_config(root, data, ckpt)
+    edit.sweep(cfg)
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "results.jsonl"))]
+    assert {(r["method"], r["n"]) for r in rows} == {(m, n) for m in cfg.methods for n in cfg.budgets}
+    assert all(set(r["test"]) == set(LANGS) and len(r["dev_grid"]) == 2 for r in rows)
+    analysis = json.load(open(os.path.join(cfg.out_dir, "components.json")))
+    assert len(analysis["ranked"]) == 3 and all({"m=0", "m=-1"} == set(r["screen"]) for r in analysis["ranked"])
+    assert sum(sum(c.values()) for c in analysis["label_counts"].values()) == sum(LM_MODULES.values()) * 2
+    for name in ("summary.md", "edits.png", "edited_one.pt", "edited_lora4_all.pt"):
+        assert os.path.exists(os.path.join(cfg.out_dir, name))
+    assert "tokens to chance" in open(os.path.join(cfg.out_dir, "summary.md")).read()
+    # resumable: a rerun with one more budget trains only the new rows
+    calls = []
+    real_cell = edit.Editing.cell
+    monkeypatch.setattr(edit.Editing, "cell", lambda self, *a: calls.append(a[:3]) or real_cell(self, *a))
+    edit.sweep(dataclasses.replace(cfg, budgets=[1, 12, 2], methods=["one"]))
+    assert [c[:2] for c in calls] == [("one", 2)]
+    # hyper-parameters are chosen on dev: make dev prefer λ = 2 and test prefer λ = 0.5
+    ed = edit.Editing(cfg)
+
+    def fake_ce(model, texts, edit_=None, batch=32):
+        lam = fake_ce.lam
+        prefer = 2.0 if texts is ed.dev else 0.5
+        return {lang: (3.0 if lam == prefer else 1.0) if lang == cfg.remove else 0.0 for lang in texts}
+    real_train = edit.train_edit
+    monkeypatch.setattr(edit, "train_edit", lambda *a, **k: setattr(fake_ce, "lam", a[6]) or real_train(*a, **k))
+    monkeypatch.setattr(edit, "ce_by_language", fake_ce)
+    ed.base_dev, ed.base_test = {l: 0.0 for l in ed.dev}, {l: 0.0 for l in ed.test}
+    row = ed.cell("one", 1, 0, analysis)
+    assert row["lam"] == 2.0
+
+
+def test_edit_bad_input_is_a_clear_error(lm_decomposition, tmp_path):
+    root, data, ckpt = lm_decomposition
+    _, _, comps, _, _ = edit.load_decomposition(ckpt)
+    with pytest.raises(KeyError, match=r"not a decomposed matrix; decomposed: \[.*h.0.attn.q_proj"):
+        edit.ScalarEdit(comps, ["h.9.attn.q_proj:0"])
+    with pytest.raises(KeyError, match=r"integer in \[0, 6\) for h.0.mlp.c_fc"):
+        edit.ScalarEdit(comps, ["h.0.mlp.c_fc:6"])
+    with pytest.raises(FileNotFoundError, match="val_en.bin is missing"):
+        edit.Editing(edit_config(root, tmp_path, ckpt))
+    cfg, tcfg, model = toy_run(tmp_path, steps=2, eval_interval=0)
+    vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed),
+              run_config={**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)})
+    with pytest.raises(ValueError, match="decomposes a 'tms' model"):
+        edit.Editing(edit_config(root, data, os.path.join(cfg.out_dir, "ckpt.pt")))
+
+
+def test_pile4l_edit_config_on_a_tiny_stand_in(lm_decomposition, tmp_path):
+    """configs/edit_pile4l.py as written, with its Wikipedia streams and tokenizer replaced by local
+    stand-ins: per-language `text` datasets and a character-level tokenizer saved in a temp dir."""
+    pytest.importorskip("transformers")
+    from tokenizers import Regex, Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    root, _, ckpt = lm_decomposition
+    chars = "abcdefghijklmnopqrstuvwxyz .,!?"
+    tok = Tokenizer(tok_models.WordLevel({c: i for i, c in enumerate(chars)} | {"<eos>": 31}, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(tmp_path / "tokenizer")
+    sources = {}
+    for i, lang in enumerate(LANGS):
+        (tmp_path / lang).mkdir()
+        letters = chars[6 * i:6 * i + 6]
+        with open(tmp_path / lang / "train.jsonl", "w") as f:
+            for r in range(200):
+                f.write(json.dumps({"text": "".join(letters[(r * k) % 6] for k in range(1, 30)) + "."}) + "\n")
+        sources[lang] = str(tmp_path / lang)
+    (cfg,) = vpd.configure([os.path.join(os.path.dirname(__file__), "configs", "edit_pile4l.py"), f"--ckpt={ckpt}",
+                            f"--out_dir={tmp_path / 'out'}", f"--sources={sources}", f"--tokenizer=hf:{tmp_path / 'tokenizer'}",
+                            "--seq_len=8", "--split_tokens=1200", "--analysis_windows=8", "--eval_windows=8", "--top_k=2",
+                            "--budgets=[2]", "--seeds=[0]", "--methods=['one','lora1_matrix']", "--steps=2",
+                            "--keep_batch=2", "--save_budget=2", "--device='cpu'"], edit.EditConfig())
+    assert cfg.tokenizer.startswith("hf:") and cfg.split_tokens == 1200 and len(cfg.lambdas) == 3
+    ed = edit.Editing(cfg)
+    assert all(ed.test[lang].max() < 32 for lang in LANGS) and ed.chance == pytest.approx(math.log(32))
+    edit.sweep(cfg)
+    assert len(open(tmp_path / "out" / "results.jsonl").readlines()) == 2
+    assert "[[" in open(tmp_path / "out" / "summary.md").read()        # decoded top-activating contexts

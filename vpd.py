@@ -700,6 +700,15 @@ def load_checkpoint(path: str, keys=("config", "step", "components", "target", "
     return ckpt
 
 
+def load_decomposition_state(dec, ckpt: dict):
+    """The target, V, U and the CI function of a checkpoint, into a Decomposition built with its config."""
+    state = dict(ckpt["target"])
+    for n, comp in ckpt["components"].items():
+        state[f"{n}.V"], state[f"{n}.U"] = comp["V"], comp["U"]
+    dec.target.load_state_dict(state)
+    dec.ci_fn.load_state_dict(ckpt["ci_fn"])
+
+
 def training_losses(dec, x, adversary, cfg, p, adv_lr, autocast=nullcontext()):
     """Steps 1-4 of a VPD training step (METHOD.md §5) on a batch x. Returns the loss terms and the
     adversary's sources of this step (leaves whose .grad the main backward fills, for step 8)."""
@@ -779,11 +788,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     start = 0
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path)
-        state = dict(ckpt["target"])
-        for n, comp in ckpt["components"].items():
-            state[f"{n}.V"], state[f"{n}.U"] = comp["V"], comp["U"]
-        dec.target.load_state_dict(state)
-        dec.ci_fn.load_state_dict(ckpt["ci_fn"])
+        load_decomposition_state(dec, ckpt)
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
         own = ckpt  # rank 0's adversary and noise state; the other ranks' are in their own files
