@@ -796,6 +796,31 @@ def test_a_conv1d_run_resumes_from_its_checkpoint(tmp_path):
         assert {k: a[k] for k in ("faith", "imp", "stoch", "adv")} == {k: b[k] for k in ("faith", "imp", "stoch", "adv")}
 
 
+@needs_transformers
+def test_hf_config_path_loads_a_local_model_offline(tmp_path, monkeypatch, capsys):
+    """model = "hf:<dir>" loads a save_pretrained directory through AutoModelForCausalLM, its vocabulary
+    rules the data, and configs/pythia14m.py runs end to end on it (a tiny GPT-NeoX in Pythia's layout)."""
+    saved, _ = tiny_hf("gpt_neox")
+    saved.save_pretrained(tmp_path / "tiny")
+    config = os.path.join(os.path.dirname(__file__), "configs", "pythia14m.py")
+    small = [f"--model=hf:{tmp_path / 'tiny'}", "--dataset=random", "--seq_len=8", "--batch_size=2", "--device=cpu",
+             "--ci_d_model=16", "--ci_n_blocks=1", "--ci_n_heads=2", "--ci_d_mlp=32"]
+    cfg, tcfg = vpd.configure([config, *small], vpd.Config(), models.TargetConfig())
+    model, get_batch, truth = models.build(tcfg, cfg)
+    x, _ = get_batch("train", 0)
+    assert tcfg.vocab_size == HF_VOCAB and x.max() < HF_VOCAB and truth is None
+    torch.testing.assert_close(model(x).logits, saved.eval()(x).logits)
+    vpd.main([config, *small, f"--out_dir={tmp_path / 'run'}", "--steps=2", "--faith_warmup_steps=2",
+              "--eval_adv_steps=[0]"])
+    assert "final: " in capsys.readouterr().out
+    assert [r["step"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "recon/ci" in r] == [2]
+    with pytest.raises(SystemExit, match="(?s)'vpd-tests/missing'.*hf download vpd-tests/missing"):
+        models.hf_causal_lm("vpd-tests/missing")  # not in the cache, and the tests run offline
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    with pytest.raises(SystemExit, match="needs transformers: pip install transformers"):
+        models.hf_causal_lm("vpd-tests/missing")
+
+
 def _ddp_step(rank, world, init_file, out_file):
     """One training step's losses and synchronised gradients on this process's half of a batch. The
     random draws are replaced by a constant so that 1 and 2 processes see the same masks."""
