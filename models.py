@@ -11,8 +11,9 @@ Toy models (METHOD.md §7), whose correct decomposition is known:
   stream, 1-3 residual ReLU MLPs trained to add ReLU(x) to it.
 
 Language models (METHOD.md §8): LlamaSimpleMLP, with Goodfire's module paths so that their pretrained
-state dicts load with strict=True; token data from random tokens, uint16 memmaps made by
-data/*/prepare.py, or a Hugging Face dataset with an `input_ids` column, streamed and sharded by rank.
+state dicts load with strict=True, or any Hugging Face causal LM (`model = "hf:EleutherAI/pythia-14m"`);
+token data from random tokens, uint16 memmaps made by data/*/prepare.py, or a Hugging Face dataset with
+an `input_ids` column, streamed and sharded by rank.
 """
 import glob
 import itertools
@@ -34,7 +35,8 @@ from vpd import rope
 
 @dataclass
 class TargetConfig:
-    model: str = "tms"               # "tms", "resid_mlp" or "llama_simple_mlp"
+    model: str = "tms"               # "tms", "resid_mlp", "llama_simple_mlp", or "hf:" and a Hugging Face causal
+                                     # LM's name or local directory (needs transformers; never trained here)
     target_path: str = ""            # state dict; "" means out_dir/target.pt. Trained when missing.
                                      # "wandb:entity/project/runs/id": a W&B run's latest model_step_*.pt
     train_target: bool = True        # False: a missing target file is an error instead
@@ -247,7 +249,8 @@ def build_model(tcfg: TargetConfig) -> nn.Module:
         return ResidualMLP(tcfg.n_features, tcfg.d_embed, tcfg.n_layers, tcfg.d_mlp)
     if tcfg.model == "llama_simple_mlp":
         return LlamaSimpleMLP(tcfg.vocab_size, tcfg.d_model, tcfg.n_layers, tcfg.n_heads, tcfg.d_mlp)
-    raise ValueError(f"model must be 'tms', 'resid_mlp' or 'llama_simple_mlp', got {tcfg.model!r}")
+    raise ValueError(f"model must be 'tms', 'resid_mlp', 'llama_simple_mlp' or 'hf:<name>' (as given, not "
+                     f"trained here), got {tcfg.model!r}")
 
 
 def batch_generator(seed: int, rank: int, split: str, step: int) -> torch.Generator:
@@ -383,6 +386,22 @@ def download_wandb_target(run_path: str, out_dir="out/targets") -> str:
     return os.path.join(root, latest.name)
 
 
+def hf_causal_lm(name: str) -> nn.Module:
+    """A Hugging Face causal LM by Hub name or local directory (save_pretrained), in fp32 (autocast does
+    the rest), without a KV cache (a decomposition never generates)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise SystemExit(f"model='hf:{name}' needs transformers: pip install transformers==5.24.0")
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_cache=False)
+    except OSError as e:
+        raise SystemExit(f"cannot load the Hugging Face model {name!r}: {e}\nOffline, it must be in the local cache "
+                         f"already: run once online, or `hf download {name}` (older huggingface_hub: "
+                         f"`huggingface-cli download {name}`), or give a directory that save_pretrained wrote, "
+                         f"model='hf:/path/to/dir'")
+
+
 def build(tcfg: TargetConfig, cfg):
     """The target, its data and (toys) its ground truth, for vpd.py. Trains the target when its state
     dict is missing."""
@@ -390,24 +409,29 @@ def build(tcfg: TargetConfig, cfg):
     waits = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) > 0
     if waits:  # one process per machine downloads or trains the target; the others then find it on disk
         dist.barrier()
+    hf = tcfg.model.startswith("hf:")
     path = tcfg.target_path or os.path.join(cfg.out_dir, "target.pt")
     if path.startswith("wandb:"):
         path = download_wandb_target(path)
-    if not os.path.exists(path):
+    if hf:  # its weights are the Hub's (or the directory's), never target_path
+        model = hf_causal_lm(tcfg.model.removeprefix("hf:")).to(device)
+        tcfg.vocab_size = model.config.vocab_size  # random tokens and memmap checks: the model's (padded) vocabulary
+    elif not os.path.exists(path):
         if not tcfg.train_target:
             raise SystemExit(f"target {path} not found (train_target=False: this config decomposes a given target)")
         print(f"target {path} not found: training it first (python models.py with this config does the same)")
         train_target(tcfg, path, device, cfg.dtype, cfg.compile)
     if dist.is_initialized() and not waits:
         dist.barrier()
-    model = build_model(tcfg).to(device)
-    try:
-        model.load_state_dict(torch.load(path, map_location=device, weights_only=True), strict=True)
-    except Exception as e:
-        raise RuntimeError(f"cannot load the target state dict {path}: {e}") from e
+    if not hf:
+        model = build_model(tcfg).to(device)
+        try:
+            model.load_state_dict(torch.load(path, map_location=device, weights_only=True), strict=True)
+        except Exception as e:
+            raise RuntimeError(f"cannot load the target state dict {path}: {e}") from e
     model.eval()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if tcfg.model == "llama_simple_mlp":
+    if hf or tcfg.model == "llama_simple_mlp":
         return model, token_batches(tcfg, cfg.batch_size, cfg.seed, device, rank, world), None
     return model, sparse_features(tcfg, cfg.batch_size, cfg.seed, device, rank), toy_truth(tcfg, model, device)
 

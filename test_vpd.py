@@ -4,6 +4,7 @@ Run: python -m pytest -q   (offline, CPU, a few minutes on 2 cores)"""
 import copy
 import dataclasses
 import fnmatch
+import importlib.util
 import json
 import math
 import os
@@ -686,6 +687,138 @@ def test_memory_plan_stops_a_run_that_cannot_fit():
     vpd.check_memory(plan, torch.device("cpu"), cfg)  # tiny: fits
     with pytest.raises(SystemExit, match="lower batch_size"):
         vpd.check_memory({**plan, "activations": 2**50, "total": 2**50}, torch.device("cpu"), cfg)
+
+
+# -- Hugging Face models (transformers is optional for users; .ci/run installs it) -----------------------
+
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="transformers is not installed (optional; .ci/run installs it)")
+HF_VOCAB = 32
+
+
+def tiny_hf(kind):
+    """A tiny random Hugging Face causal LM built from its config (no download), in train mode as built
+    (GPT-2's dropout on), and module patterns covering its block matrices. Weights of std 0.2, not 0.02:
+    logits far from uniform, so that reconstruction is checked on a model that says something."""
+    import transformers as tf
+    torch.manual_seed(0)
+    common = dict(vocab_size=HF_VOCAB, initializer_range=0.2, use_cache=False, bos_token_id=0, eos_token_id=0)
+    sizes = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    if kind == "gpt2":  # Conv1D projections; c_attn is q, k, v fused
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=16, **common)), \
+            {"transformer.h.*.attn.c_attn": 8, "transformer.h.*.attn.c_proj": 4, "transformer.h.*.mlp.c_*": 6}
+    if kind == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **sizes, **common)), \
+            {"model.layers.*.self_attn.*_proj": 4, "model.layers.*.mlp.*_proj": 6}
+    return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**sizes, **common)), \
+        {"gpt_neox.layers.*.attention.query_key_value": 8, "gpt_neox.layers.*.attention.dense": 4,
+         "gpt_neox.layers.*.mlp.dense_*": 6}
+
+
+def hf_batches(split, step):
+    """Keyword inputs as a tokenizer gives them: the first sequence right-padded (mask 0, label -1)."""
+    g = torch.Generator().manual_seed(2 * step + (split == "val"))
+    tokens = torch.randint(HF_VOCAB, (4, 9), generator=g)
+    mask = torch.ones(4, 8, dtype=torch.long)
+    mask[0, 6:] = 0
+    return {"input_ids": tokens[:, :-1], "attention_mask": mask}, tokens[:, 1:].masked_fill(mask == 0, -1)
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt_neox"])
+def test_hf_models_decompose_and_all_ones_masks_reproduce_their_logits(kind, tmp_path):
+    model, modules = tiny_hf(kind)
+    cfg = lm_config(modules=modules, out_dir=str(tmp_path), steps=3, batch_size=4, eval_interval=3, log_interval=3,
+                    ckpt_interval=3, faith_warmup_steps=5, eval_adv_steps=[0, 2])
+    x, y = hf_batches("val", 0)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).eval()(**x).logits                  # [B, T, vocab]
+        dec = vpd.Decomposition(copy.deepcopy(model), cfg)              # random V, U: Δ carries all of W
+        assert len(dec.comps) == (14 if kind == "llama" else 8)
+        torch.testing.assert_close(dec.masked(x, ones_masks(dec, x)), expected, atol=1e-6, rtol=1e-6)
+    metrics = vpd.train(cfg, model, hf_batches)  # keyword inputs through the memory plan, training and evaluation
+    assert metrics["step"] == 3 and all(math.isfinite(v) for v in metrics.values())
+    assert metrics["ce/target"] == pytest.approx(vpd.lm_ce(expected, y), rel=1e-6)  # the logits, dropout off
+
+
+@needs_transformers
+def test_conv1d_is_decomposed_as_the_linear_holding_its_transposed_weight():
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    conv = Conv1D(nf=5, nx=4)  # weight [d_in, d_out]
+    nn.init.normal_(conv.bias)
+    linear = nn.Linear(4, 5)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        linear.bias.copy_(conv.bias)
+    a, b = vpd.Components(conv, 3), vpd.Components(linear, 3)
+    assert a.weight is conv.weight and a.V.shape == (4, 3) and a.U.shape == (3, 5)  # V [d_in, C], U [C, d_out]
+    with torch.no_grad():
+        b.V.copy_(a.V)
+        b.U.copy_(a.U)
+    torch.testing.assert_close(a.delta(), b.delta())
+    x = torch.randn(2, 6, 4)
+    torch.testing.assert_close(a(x), conv(x))  # no masks: the Conv1D itself
+    for _ in range(3):  # any masks and δ: the same outputs and the same gradients of V and U
+        a.mask = b.mask = (torch.rand(2, 6, 3), torch.rand(2, 6))
+        out_a, out_b = a(x), b(x)
+        torch.testing.assert_close(out_a, out_b)
+        for ga, gb in zip(torch.autograd.grad(out_a.sum(), [a.V, a.U]), torch.autograd.grad(out_b.sum(), [b.V, b.U])):
+            torch.testing.assert_close(ga, gb)
+
+
+@needs_transformers
+def test_a_conv1d_run_resumes_from_its_checkpoint(tmp_path):
+    """GPT-2: the checkpoint keeps the Conv1D weights as stored ([d_in, d_out], same keys) and resumes to
+    the uninterrupted run's losses."""
+    def run(name, get_batch, **overrides):
+        model, modules = tiny_hf("gpt2")
+        cfg = lm_config(modules=modules, out_dir=str(tmp_path / name), steps=4, batch_size=4, eval_interval=0,
+                        log_interval=1, ckpt_interval=2, faith_warmup_steps=5, **overrides)
+        return vpd.train(cfg, model, get_batch), cfg
+    _, cfg = run("whole", hf_batches)
+    ckpt = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
+    assert set(ckpt["target"]) == set(tiny_hf("gpt2")[0].state_dict())
+    assert ckpt["target"]["transformer.h.0.attn.c_attn.weight"].shape == (16, 48)
+    assert ckpt["components"]["transformer.h.0.attn.c_attn"]["V"].shape == (16, 8)
+    assert ckpt["components"]["transformer.h.0.attn.c_attn"]["U"].shape == (8, 48)
+
+    def crashing(split, step):
+        if split == "train" and step == 3:
+            raise KeyboardInterrupt
+        return hf_batches(split, step)
+    with pytest.raises(KeyboardInterrupt):
+        run("crash", crashing)
+    run("crash", hf_batches, init_from="resume")
+    whole, resumed = (train_losses(tmp_path / d / "metrics.jsonl") for d in ("whole", "crash"))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(whole, resumed):
+        assert {k: a[k] for k in ("faith", "imp", "stoch", "adv")} == {k: b[k] for k in ("faith", "imp", "stoch", "adv")}
+
+
+@needs_transformers
+def test_hf_config_path_loads_a_local_model_offline(tmp_path, monkeypatch, capsys):
+    """model = "hf:<dir>" loads a save_pretrained directory through AutoModelForCausalLM, its vocabulary
+    rules the data, and configs/pythia14m.py runs end to end on it (a tiny GPT-NeoX in Pythia's layout)."""
+    saved, _ = tiny_hf("gpt_neox")
+    saved.save_pretrained(tmp_path / "tiny")
+    config = os.path.join(os.path.dirname(__file__), "configs", "pythia14m.py")
+    small = [f"--model=hf:{tmp_path / 'tiny'}", "--dataset=random", "--seq_len=8", "--batch_size=2", "--device=cpu",
+             "--ci_d_model=16", "--ci_n_blocks=1", "--ci_n_heads=2", "--ci_d_mlp=32"]
+    cfg, tcfg = vpd.configure([config, *small], vpd.Config(), models.TargetConfig())
+    model, get_batch, truth = models.build(tcfg, cfg)
+    x, _ = get_batch("train", 0)
+    assert tcfg.vocab_size == HF_VOCAB and x.max() < HF_VOCAB and truth is None
+    torch.testing.assert_close(model(x).logits, saved.eval()(x).logits)
+    vpd.main([config, *small, f"--out_dir={tmp_path / 'run'}", "--steps=2", "--faith_warmup_steps=2",
+              "--eval_adv_steps=[0]"])
+    assert "final: " in capsys.readouterr().out
+    assert [r["step"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "recon/ci" in r] == [2]
+    with pytest.raises(SystemExit, match="(?s)'vpd-tests/missing'.*hf download vpd-tests/missing"):
+        models.hf_causal_lm("vpd-tests/missing")  # not in the cache, and the tests run offline
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    with pytest.raises(SystemExit, match="needs transformers: pip install transformers"):
+        models.hf_causal_lm("vpd-tests/missing")
 
 
 def _ddp_step(rank, world, init_file, out_file):

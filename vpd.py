@@ -109,47 +109,60 @@ def check_choices(cfg: Config):
 # -----------------------------------------------------------------------------
 # §1-2 Components and the masked forward
 
-class Components(nn.Module):
-    """A target nn.Linear (weight [d_out, d_in], frozen) rewritten as C rank-1 subcomponents and a
-    remainder: W = (V U)^T + Δ. Subcomponent c's weight is (V[:, c] ⊗ U[c, :])^T."""
+def is_conv1d(module) -> bool:
+    """transformers' Conv1D (GPT-2's projections): an nn.Linear whose weight is stored transposed,
+    [d_in, d_out]. Known by its name, so that vpd.py needs no transformers."""
+    return type(module).__name__ == "Conv1D" and module.weight.shape == (module.nx, module.nf)
 
-    def __init__(self, linear: nn.Linear, C: int):
+
+class Components(nn.Module):
+    """A target nn.Linear or Conv1D (weight W [d_out, d_in], frozen) rewritten as C rank-1 subcomponents
+    and a remainder: W = (V U)^T + Δ. Subcomponent c's weight is (V[:, c] ⊗ U[c, :])^T."""
+
+    def __init__(self, linear: nn.Module, C: int):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias  # the target's own tensors (state-dict keys kept)
-        d_out, d_in = self.weight.shape
+        self.transposed = is_conv1d(linear)
+        d_out, d_in = self.W.shape
         device = self.weight.device
         self.V = nn.Parameter(torch.randn(d_in, C, device=device) / math.sqrt(d_in))  # read directions
         self.U = nn.Parameter(torch.randn(C, d_out, device=device) / math.sqrt(C))    # write directions
         self.mask = None   # None: the target's weight; else (m [..., C], δ [...])
         self.input = None  # input of the last forward through the target's weight: what CI reads
 
+    @property
+    def W(self):  # [d_out, d_in], the nn.Linear convention for either kind of module (a view, no copy)
+        return self.weight.T if self.transposed else self.weight
+
     def delta(self):  # [d_out, d_in], in fp32: what the faithfulness loss drives to zero
-        return self.weight.float() - (self.V @ self.U).T
+        return self.W.float() - (self.V @ self.U).T
 
     def forward(self, x):  # x [..., d_in]
         if self.mask is None:
             self.input = x
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.W, self.bias)
         # Σ_c m_c (x·V_c) U_c + δ Δx, with Δx = Wx - (V U)^T x written out: Δ is never built here, and
         # m = δ = 1 gives Wx exactly (that is how unrouted positions get the target's own output)
         m, d = self.mask
         d = d.unsqueeze(-1)                                                                  # [..., 1]
-        out = torch.addcmul(((x @ self.V) * (m - d)) @ self.U, d, F.linear(x, self.weight))
+        out = torch.addcmul(((x @ self.V) * (m - d)) @ self.U, d, F.linear(x, self.W))
         return out if self.bias is None else out + self.bias
 
 
 def install_components(model: nn.Module, modules: dict) -> dict:
-    """Freeze `model` and replace each nn.Linear matched by a pattern of `modules` ({"h.*.mlp.c_fc": 3072})
-    with Components. Returns {path: Components} in sorted path order, the order used everywhere."""
-    model.requires_grad_(False)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """Freeze `model` (no gradients; eval mode, so no dropout) and replace each nn.Linear or Conv1D matched
+    by a pattern of `modules` ({"h.*.mlp.c_fc": 3072}) with Components. A fused matrix (GPT-2's c_attn,
+    GPT-NeoX's query_key_value) is one matrix: decomposed whole. Returns {path: Components} in sorted path
+    order, the order used everywhere."""
+    model.requires_grad_(False).eval()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
     comps = {}
     for pattern, C in modules.items():
         matched = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
             near = difflib.get_close_matches(pattern, list(linears), n=3, cutoff=0.3)
-            raise ValueError(f"module pattern {pattern!r} matches no nn.Linear of the target; "
-                             f"closest nn.Linear paths: {near or sorted(linears)[:5]}")
+            raise ValueError(f"module pattern {pattern!r} matches no nn.Linear or Conv1D of the target; "
+                             f"closest such paths: {near or sorted(linears)[:5]}")
         for path in matched:
             if path in comps:
                 raise ValueError(f"module {path!r} is matched by two patterns of `modules`")
@@ -271,7 +284,7 @@ class CITransformer(nn.Module):
 
 
 class Decomposition(nn.Module):
-    """A frozen target with components on the matched nn.Linear modules, and the CI function.
+    """A frozen target with components on the matched nn.Linear (or Conv1D) modules, and the CI function.
     `dec(x)` runs the target (caching each matrix's input); `dec.masked(x, masks)` runs it with
     masks {path: (m [..., C], δ [...])}; matrices absent from `masks` use their original weight."""
 
@@ -292,7 +305,7 @@ class Decomposition(nn.Module):
         for b, a in self.tie.items():
             if a not in self.comps or b not in self.comps:
                 raise ValueError(f"tie {b!r} -> {a!r}: both must be decomposed matrices, i.e. in {list(self.comps)}")
-            if not torch.equal(self.comps[b].weight, self.comps[a].weight.T) or Cs[a] != Cs[b]:
+            if not torch.equal(self.comps[b].W, self.comps[a].W.T) or Cs[a] != Cs[b]:
                 raise ValueError(f"tie {b!r} -> {a!r} needs {b}'s weight to be {a}'s transposed, with the same C")
         self.tie_weights()
         # which matrix each source channel belongs to (routing is per matrix): ΣC mask channels, then M δ channels
@@ -312,7 +325,12 @@ class Decomposition(nn.Module):
         return next(iter(self.comps.values())).weight.device
 
     def forward(self, x):
-        return self.target(x)
+        """The target's output on x, a tensor or a dict of keyword inputs (input_ids, attention_mask). Of a
+        model that returns a tuple, its first element; of a Hugging Face ModelOutput, its .logits."""
+        out = self.target(**x) if isinstance(x, dict) else self.target(x)
+        if hasattr(out, "logits"):
+            return out.logits
+        return out[0] if isinstance(out, tuple) else out
 
     def n_positions(self) -> int:
         """Positions (tokens, or toy samples) in the last target forward."""
@@ -348,7 +366,7 @@ class Decomposition(nn.Module):
         for n, c in self.comps.items():
             c.mask = masks.get(n)
         try:
-            return self.target(x)
+            return self(x)
         finally:
             for c in self.comps.values():
                 c.mask = None
@@ -556,7 +574,7 @@ def evaluate_batch(dec, x, y, cfg):
     hidden-activation MSE, the evaluation adversary, L0. Also returns the batch's CI [..., ΣC]."""
     with torch.no_grad():
         target_out = dec(x)
-        target_hidden = {n: F.linear(c.input, c.weight, c.bias) for n, c in dec.comps.items()}
+        target_hidden = {n: F.linear(c.input, c.W, c.bias) for n, c in dec.comps.items()}
         ci, _ = dec.causal_importance()
     metrics = {"ce/target": lm_ce(target_out, y)} if y is not None else {}
     hidden = {}  # each decomposed matrix's output in the last masked forward
@@ -721,11 +739,11 @@ def training_losses(dec, x, adversary, cfg, p, adv_lr, autocast=nullcontext()):
     sources, shape = None, (*ci_lower.shape[:-1], ci_lower.shape[-1] + len(dec.comps))
     if cfg.adv_coeff:
         for _ in range(cfg.adv_steps):
-            sources = adversary.leaves(shape, x.device)
+            sources = adversary.leaves(shape, ci_lower.device)
             with autocast:
                 loss = adversarial_recon_loss(dec, x, target_out, ci_lower.detach(), sources, cfg)
             adversary.ascend(torch.autograd.grad(loss, [sources])[0], adv_lr)
-        sources = adversary.leaves(shape, x.device)
+        sources = adversary.leaves(shape, ci_lower.device)
     # 4: the losses
     losses = {"faith": faithfulness_loss(dec.deltas()), "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
     with autocast:
@@ -760,7 +778,8 @@ def sync_gradients(params):
 
 def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None) -> dict:
     """Decompose `target`. get_batch(split, step) -> (x, y) gives the batch of a step ("train") or the
-    i-th evaluation batch ("val"); y: next-token labels for language models, else None. truth: for toy
+    i-th evaluation batch ("val"); x: the target's input, a tensor or a dict of keyword inputs (input_ids,
+    attention_mask); y: next-token labels for language models, else None. truth: for toy
     models, what the decomposition should find (see models.py). Returns the final metrics."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     master = rank == 0
@@ -921,19 +940,20 @@ def activation_bytes(dec, cfg, x, autocast=nullcontext()) -> int:
     (the adversary's inner steps included) and the backward, so the backward's transient gradients count,
     and the CI function runs compiled when training compiles it. Elsewhere there are no allocator
     statistics: what autograd saves for the backward, without the transients, a lower bound."""
-    with torch.random.fork_rng([x.device] if x.is_cuda else []):
-        if x.is_cuda:
+    device = dec.target_device()
+    with torch.random.fork_rng([device] if device.type == "cuda" else []):
+        if device.type == "cuda":
             for p in dec.parameters():  # as in training, where a step's gradients live until the next backward
                 if p.requires_grad:
                     p.grad = torch.zeros_like(p)
-            base = torch.cuda.memory_allocated(x.device)
-            torch.cuda.reset_peak_memory_stats(x.device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
             adversary = Adversary()
             losses, _ = training_losses(dec, x, adversary, cfg, cfg.p_start, 0.0, autocast)
             sum(losses.values()).backward()
             dec.zero_grad(set_to_none=True)
             state = 3 * adversary.sources.numel() * 4 if adversary.sources is not None else 0
-            return torch.cuda.max_memory_allocated(x.device) - base - state
+            return torch.cuda.max_memory_allocated(device) - base - state
         saved = {}
 
         def pack(t):
@@ -952,16 +972,18 @@ def memory_plan(dec, cfg, x, autocast=nullcontext()) -> dict:
     stops before it begins. Activations: measured on the first one and two samples (sequences) of the
     batch and extrapolated linearly to the whole batch, so that any target and CI function is covered
     (on CUDA with the backward's transient gradients, elsewhere without: see activation_bytes)."""
-    one = activation_bytes(dec, cfg, x[:1], autocast)
-    pos = dec.n_positions() * len(x)  # per process
-    two = activation_bytes(dec, cfg, x[:2], autocast)
+    batch = x if torch.is_tensor(x) else next(iter(x.values()))  # keyword inputs: a dict of [B, ...] tensors
+    rows = lambda n: x[:n] if torch.is_tensor(x) else {k: v[:n] for k, v in x.items()}
+    one = activation_bytes(dec, cfg, rows(1), autocast)
+    pos = dec.n_positions() * len(batch)  # per process
+    two = activation_bytes(dec, cfg, rows(2), autocast)
     trainable = sum(p.numel() for p in dec.parameters() if p.requires_grad)
     plan = {
         "target weights": sum(p.numel() * p.element_size() for p in dec.target.parameters() if not p.requires_grad),
         "V, U, CI function": 4 * trainable,
         "gradients and AdamW moments": 12 * trainable,
         "adversary sources and moments": 12 * pos * (sum(dec.Cs) + len(dec.Cs)) if cfg.adv_coeff else 0,
-        "activations": one + (two - one) * (x.shape[0] - 1),
+        "activations": one + (two - one) * (len(batch) - 1),
     }
     if world_size() > 1:
         plan["gradient all-reduce buffer"] = 4 * trainable  # the flat copy sync_gradients reduces
