@@ -67,14 +67,15 @@ class EditConfig:
     pair_share: float = 0.8                # "<lang>+<lang>"
     foreign_share: float = 0.1             # "foreign": the keep language's share at most this
     top_k: int = 16                        # ranked by mean CI on `remove` minus on `keep`; screened one by one
-    n_contexts: int = 3                    # top-activating contexts shown per ranked subcomponent
+    n_contexts: int = 2                    # top-activating contexts per language and ranked subcomponent
     # §4-5 the edits: every method starts from the unedited model, same optimiser, steps and grid size
     methods: list = field(default_factory=lambda: ["one", "top", "random", "lora1_all", "lora4_all",
                                                    "lora1_matrix", "lora4_matrix"])
     budgets: list = field(default_factory=lambda: [2 ** i for i in range(11)])  # supervised tokens to remove
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     steps: int = 100                       # Adam steps per edit
-    keep_batch: int = 16                   # windows of the keep language per step, for the KL
+    keep_batch: int = 16                   # windows of the keep language per step, for the KL, taken in turn
+    keep_windows: int = 128                # from a fixed set of training windows, their original logits cached
     scalar_lrs: list = field(default_factory=lambda: [0.03, 0.1, 0.3])
     lora_lrs: list = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
     lambdas: list = field(default_factory=lambda: [0.3, 1.0, 3.0])
@@ -128,7 +129,7 @@ class LoRA(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.paths = list(paths)
-        shapes = [model.get_submodule(p).weight.shape for p in self.paths]  # [d_out, d_in]
+        shapes = [linear_weight(model.get_submodule(p)).shape for p in self.paths]  # [d_out, d_in]
         self.A = nn.ParameterList(torch.randn(d_in, rank, generator=g) / math.sqrt(d_in) for _, d_in in shapes)
         self.B = nn.ParameterList(torch.zeros(rank, d_out) for d_out, _ in shapes)
 
@@ -149,15 +150,17 @@ def applied(edit: nn.Module, model: nn.Module):
             h.remove()
 
 
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """[d_out, d_in]: an nn.Linear's weight, or a Hugging Face Conv1D's (stored [d_in, d_out]) as a view."""
+    return layer.weight.T if vpd.is_conv1d(layer) else layer.weight
+
+
 @torch.no_grad()
 def bake(edit: nn.Module, model: nn.Module) -> nn.Module:
     """An ordinary copy of the model with the edit written into its weights, W' = W + (P Q)^T."""
     baked = copy.deepcopy(model)
     for path, (P, Q) in edit.factors().items():
-        layer = baked.get_submodule(path)
-        if not isinstance(layer, nn.Linear):
-            raise TypeError(f"bake writes into nn.Linear weights; {path} is a {type(layer).__name__}")
-        layer.weight += (P @ Q).T
+        linear_weight(baked.get_submodule(path)).add_((P @ Q).T)
     return baked
 
 
@@ -270,20 +273,23 @@ def labels_of(mean, freq, languages: list, cfg: EditConfig) -> list:
 
 
 @torch.no_grad()
-def top_contexts(dec, texts: dict, index: int, decode, n: int, width=20, batch=32) -> list:
-    """The n positions of highest CI of subcomponent `index` (of ΣC) over all languages' texts, decoded
-    as "<language>: ... [[token]] ...", ±width tokens around the firing token."""
-    found = []
+def top_contexts(dec, texts: dict, indices: list, decode, n: int, width=20, batch=32) -> dict:
+    """For each subcomponent in `indices` (of ΣC), its n positions of highest CI in each language,
+    decoded as "<lang> (CI): ... [[token]] ...", with `width` tokens before the firing token."""
+    found = {i: [] for i in indices}
     for lang, w in texts.items():
-        for b0 in range(0, len(w), batch):
-            dec(w[b0:b0 + batch, :-1])
-            ci = dec.causal_importance()[0][..., index]               # [B, T]
-            values, flat = ci.flatten().topk(min(n, ci.numel()))
-            found += [(v, lang, b0 + i // ci.shape[1], i % ci.shape[1]) for v, i in zip(values.tolist(), flat.tolist())]
-    found = sorted(found, key=lambda f: -f[0])[:n]
-    return [f"{lang} (CI {v:.2f}): " + decode(texts[lang][w, max(0, t - width):t].tolist())
-            + "[[" + decode(texts[lang][w, t:t + 1].tolist()) + "]]" + decode(texts[lang][w, t + 1:t + 1 + width // 4].tolist())
-            for v, lang, w, t in found]
+        ci = []
+        for chunk in w.split(batch):
+            dec(chunk[:, :-1])
+            ci.append(dec.causal_importance()[0][..., indices])
+        ci = torch.cat(ci)                                                # [N, T, k]
+        values, flat = ci.flatten(0, 1).topk(min(n, ci.shape[0] * ci.shape[1]), dim=0)  # [n, k]
+        for k, i in enumerate(indices):
+            for v, f in zip(values[:, k].tolist(), flat[:, k].tolist()):
+                t, row = f % ci.shape[1], w[f // ci.shape[1]]
+                found[i].append(f"{lang} (CI {v:.2f}): " + decode(row[max(0, t - width):t].tolist()) + "[["
+                                + decode(row[t:t + 1].tolist()) + "]]" + decode(row[t + 1:t + 6].tolist()))
+    return found
 
 
 def token_decoder(cfg: EditConfig, vocab_size: int):
@@ -347,17 +353,16 @@ def budget_batch(tokens: torch.Tensor, n: int, T: int, seed: int, device="cpu"):
     return x.to(device), y.to(device)
 
 
-def train_edit(model, edit, x_remove, y_remove, keep_tokens, lr, lam, chance, cfg: EditConfig, seed: int):
-    """Adam on the edit's parameters for cfg.steps steps; a fresh batch of the keep language each step."""
-    g = torch.Generator().manual_seed(seed + 1)
+def train_edit(model, edit, x_remove, y_remove, keep, lr, lam, chance, cfg: EditConfig):
+    """Adam on the edit's parameters for cfg.steps steps. keep: (windows [N, T], their original logits),
+    of which each step takes the next keep_batch."""
+    keep_x, keep_logits = keep
     opt = torch.optim.Adam(edit.parameters(), lr=lr)
-    for _ in range(cfg.steps):
-        keep = windows(keep_tokens, cfg.keep_batch, cfg.seq_len, g)[:, :-1].to(x_remove.device)
-        with torch.no_grad():
-            original = model(keep)
+    for step in range(cfg.steps):
+        i = torch.arange(step * cfg.keep_batch, (step + 1) * cfg.keep_batch) % len(keep_x)
         with applied(edit, model):
-            logits = model(torch.cat([x_remove, keep]))              # one forward for both languages
-        loss, _, _ = edit_objective(logits[:len(x_remove)], y_remove, logits[len(x_remove):], original, lam, chance)
+            logits = model(torch.cat([x_remove, keep_x[i]]))          # one forward for both languages
+        loss, _, _ = edit_objective(logits[:len(x_remove)], y_remove, logits[len(x_remove):], keep_logits[i], lam, chance)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -396,7 +401,10 @@ class Editing:
             if max(t.max().item() for t in splits.values()) >= self.vocab:
                 raise ValueError(f"{lang} text holds token ids beyond the model's vocabulary of {self.vocab}: "
                                  "it was tokenized for another model")
-        self.train = {lang: text[lang]["train"] for lang in (cfg.remove, cfg.keep)}
+        self.train = text[cfg.remove]["train"]
+        keep = windows(text[cfg.keep]["train"], cfg.keep_windows, T, torch.Generator().manual_seed(0))[:, :-1].to(device)
+        with torch.no_grad():
+            self.keep = (keep, self.target(keep))                       # what the KL holds the edits to
         self.val = {lang: windows(text[lang]["val"], cfg.analysis_windows, T).to(device) for lang in cfg.languages}
         self.dev = {lang: windows(text[lang]["dev"], cfg.eval_windows, T).to(device) for lang in (cfg.remove, cfg.keep)}
         self.test = {lang: windows(text[lang]["test"], cfg.eval_windows, T).to(device) for lang in cfg.languages}
@@ -420,10 +428,10 @@ class Editing:
         for key, label in zip(keys, labels):
             path = key.rpartition(":")[0]
             counts.setdefault(path, {})[label] = counts.setdefault(path, {}).get(label, 0) + 1
+        contexts = top_contexts(self.dec, self.val, top, decode, cfg.n_contexts)
         ranked = [{"key": keys[i], "label": labels[i], "score": score[i].item(),
                    "mean_ci": dict(zip(cfg.languages, mean[:, i].tolist())),
-                   "freq": dict(zip(cfg.languages, freq[:, i].tolist())),
-                   "contexts": top_contexts(self.dec, self.val, i, decode, cfg.n_contexts)} for i in top]
+                   "freq": dict(zip(cfg.languages, freq[:, i].tolist())), "contexts": contexts[i]} for i in top]
         screen = causal_screen(self.target, self.components, [r["key"] for r in ranked], self.test, self.base_test)
         for r in ranked:
             r["screen"] = screen[r["key"]]
@@ -451,14 +459,14 @@ class Editing:
         """One method at one budget and seed: every grid point trained on the same n tokens, the one chosen
         on dev (most CE on the language to remove with at most max_damage on the keep language), then tested."""
         cfg, t0 = self.cfg, time.perf_counter()
-        x, y = budget_batch(self.train[cfg.remove], n, cfg.seq_len, seed, cfg.device)
+        x, y = budget_batch(self.train, n, cfg.seq_len, seed, cfg.device)
         lrs = cfg.lora_lrs if method.startswith("lora") else cfg.scalar_lrs
         grid = []
         for lr in lrs:
             for lam in cfg.lambdas:
                 torch.manual_seed(seed)
-                edit = train_edit(self.target, self.edit_for(method, analysis, seed), x, y, self.train[cfg.keep],
-                                  lr, lam, self.chance, cfg, seed)
+                edit = train_edit(self.target, self.edit_for(method, analysis, seed), x, y, self.keep, lr, lam,
+                                  self.chance, cfg)
                 dev = ce_by_language(self.target, self.dev, edit)
                 grid.append({"lr": lr, "lam": lam, "dev": dev, "edit": edit})
         damage = lambda g: g["dev"][cfg.keep] - self.base_dev[cfg.keep]
@@ -496,11 +504,11 @@ class Editing:
             self.dec.zero_grad(set_to_none=True)
             self.dec.requires_grad_(False)
         analysis_flops = flops_of(lambda: component_stats(self.dec, self.val, cfg.fire_threshold))
-        xr, yr = budget_batch(self.train[cfg.remove], cfg.save_budget, cfg.seq_len, 0, cfg.device)
+        xr, yr = budget_batch(self.train, cfg.save_budget, cfg.seq_len, 0, cfg.device)
         one = copy.deepcopy(cfg)
         one.steps = 1
         edit_step = flops_of(lambda: train_edit(self.target, self.edit_for("one", analysis, 0), xr, yr,
-                                                self.train[cfg.keep], 0.1, 1.0, self.chance, one, 0))
+                                                self.keep, 0.1, 1.0, self.chance, one))
         grid = len(cfg.scalar_lrs) * len(cfg.lambdas)
         return {"decomposition_tokens": dec_tokens, "decomposition_remove_tokens": dec_tokens * share if share else None,
                 "decomposition_flops": dec_step * rc["steps"] * rc["batch_size"] * cfg.decomposition_processes / len(x),
@@ -734,7 +742,7 @@ def tms_demo(cfg: EditConfig):
     for name, marker in (("scalar", "o-"), ("rank-1 LoRA", "s-")):
         pts = [(n, hurt) for n, nm, _, hurt in rows if nm == name]
         axes[3].plot(*zip(*pts), marker, label=name)
-    axes[3].set(xscale="log", yscale="symlog", xlabel=f"training inputs with feature {j}",
+    axes[3].set(xscale="log", yscale="log", xlabel=f"training inputs with feature {j}",
                 title=f"change on inputs without feature {j}")
     axes[3].legend()
     fig.savefig(os.path.join(cfg.out_dir, "tms_edit.png"), dpi=120, bbox_inches="tight")

@@ -9,5 +9,5 @@ out_dir = "out/edit_pile4l"
 tokenizer, seq_len = "hf:EleutherAI/gpt-neox-20b", 512
 sources = {lang: f"wikimedia/wikipedia:20231101.{lang}" for lang in languages}
 split_tokens = 400_000                       # per split and language: 200 analysis windows of 513 need 103k
-keep_batch = 8
+keep_batch, keep_windows = 8, 32           # 32 windows of 512 tokens: 3.3 GB of cached logits
 decomposition_processes = 8                  # torchrun --nproc_per_node=8, 8 sequences each
