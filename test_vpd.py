@@ -534,6 +534,28 @@ def test_llama_loads_goodfire_key_names_and_matches_reference():
         model.load_state_dict({**sd, "h.0.attn.c_attn.weight": torch.zeros(1)}, strict=True)
 
 
+def test_padded_logits_equal_the_unpadded_ones():
+    """The logits matmul runs on the vocabulary padded to a multiple of 64 with zero rows, and the logits
+    are a view of its first `vocab` columns: the same as the plain matmul's, to fp32 rounding (bitwise on
+    the CPUs tried, but a GEMM library may split another N differently). The state dict keeps its shapes,
+    and a decomposed lm_head still runs through its components."""
+    torch.manual_seed(0)
+    model = models.LlamaSimpleMLP(50, 16, 2, 2, 32)
+    tokens = torch.randint(50, (3, 8))
+    padded = model(tokens)
+    assert padded.shape == (3, 8, 50) and padded.stride(-2) == 64  # a view into the aligned buffer
+    model.vocab_multiple = 1
+    torch.testing.assert_close(padded, model(tokens), rtol=1e-6, atol=1e-6)
+    model.vocab_multiple = 64
+    assert model.state_dict()["lm_head.weight"].shape == model.state_dict()["wte.weight"].shape == (50, 16)
+    dec = vpd.Decomposition(model, lm_config(modules={"lm_head": 4}))
+    torch.testing.assert_close(dec(tokens), padded)
+    assert dec.comps["lm_head"].input.shape == (3, 8, 16)  # it went through Components
+    zero = {"lm_head": (torch.zeros(3, 8, 4), torch.zeros(3, 8))}
+    with torch.no_grad():
+        assert (dec.masked(tokens, zero) == 0).all()
+
+
 def test_batch_streams_differ_across_ranks_steps_and_splits():
     """Data parallelism must not replay one rank's batches on another (an odd rank stride once did:
     rank 2 at step 0 drew rank 0's batch of step 7919; a stride of 2^40 gave every rank the same batch),
