@@ -225,6 +225,31 @@ def test_persistent_adversary_ascent_raises_loss_and_stays_in_unit_box():
     assert adversary.sources.shape == (64, 14)  # ΣC mask channels, then one δ channel per matrix
 
 
+def test_persistent_adversary_is_adam_ascent_and_resumes_from_its_state():
+    """Adam ascent (torch's fused kernel) with the moments of the loss's gradient, as written out by hand;
+    its state_dict (the checkpoint's format) continues the same trajectory."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(6, 5, generator=g) for _ in range(6)]
+    adversary = vpd.Adversary()
+    s = adversary.leaves((6, 5), "cpu").detach().clone()
+    m, v, (b1, b2) = torch.zeros_like(s), torch.zeros_like(s), adversary.betas
+    for t, grad in enumerate(grads[:3], 1):
+        adversary.ascend(grad, lr=0.05)
+        m, v = b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad ** 2
+        s = (s + 0.05 * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + adversary.eps)).clamp(0, 1)
+    torch.testing.assert_close(adversary.sources, s)
+    state = adversary.state_dict()
+    assert state["t"] == 3
+    torch.testing.assert_close(state["m"], m)
+    torch.testing.assert_close(state["v"], v)
+    resumed = vpd.Adversary()
+    resumed.load_state_dict({k: val.clone() if torch.is_tensor(val) else val for k, val in state.items()})
+    for grad in grads[3:]:
+        adversary.ascend(grad, lr=0.05)
+        resumed.ascend(grad, lr=0.05)
+    assert torch.equal(resumed.sources, adversary.sources)
+
+
 def test_eval_adversary_shared_source_raises_loss():
     dec, cfg = decomposition()
     x = torch.randn(32, 4)
