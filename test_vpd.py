@@ -1,6 +1,7 @@
 """Tests of vpd.py and models.py: hand-computed losses, invariants of the masked forward, the sigmoids,
 routing, the adversary, checkpoints and resume, the configurator, and recovery of TMS 5-2.
 Run: python -m pytest -q   (offline, CPU, a few minutes on 2 cores)"""
+import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -717,6 +718,45 @@ def test_lm_run_end_to_end(tmp_path):
     assert {"l0_layer/h.0", "l0_layer/h.1", "ce_unrecovered/ci", "alive/total"} <= set(metrics)
     assert metrics["l0/total"] == pytest.approx(metrics["l0_layer/h.0"] + metrics["l0_layer/h.1"])
     assert metrics["ce_unrecovered/zero"] == pytest.approx(1.0)
+
+
+def test_bf16_casts_once_per_step_with_the_same_losses_and_gradients(monkeypatch):
+    """Under bf16 autocast (on CUDA in training; on the CPU here) each matrix's V, U and W are cast once per
+    training step, not in every masked pass (before: V, U 3 times, W 5 times); the losses and gradients
+    are those of casting in every pass. In fp32 nothing is cast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self, tensors):
+            super().__init__()
+            self.ptrs, self.n = {t.data_ptr(): i for i, t in enumerate(tensors)}, [0] * len(tensors)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.ptrs:
+                self.n[self.ptrs[args[0].data_ptr()]] += 1
+            return func(*args, **(kwargs or {}))
+
+    def step(autocast, cast_once=True):
+        model, tcfg = tiny_lm()
+        cfg = lm_config()
+        torch.manual_seed(0)
+        dec = vpd.Decomposition(model, cfg)
+        if not cast_once:
+            monkeypatch.setattr(dec, "cast_once", lambda autocast: contextlib.nullcontext())
+        x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
+        with CountCasts([t for c in dec.comps.values() for t in (c.V, c.U, c.weight)]) as casts:
+            losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, p=1.5, adv_lr=0.01, autocast=autocast)
+            sum(losses.values()).backward()
+        return losses, [p.grad for p in dec.parameters() if p.requires_grad], casts.n
+
+    losses, grads, casts = step(torch.autocast("cpu", torch.bfloat16))
+    assert set(casts) == {1}
+    every_pass = step(torch.autocast("cpu", torch.bfloat16), cast_once=False)
+    assert set(every_pass[2]) == {3, 5}
+    assert {k: v.item() for k, v in losses.items()} == {k: v.item() for k, v in every_pass[0].items()}
+    for g, h in zip(grads, every_pass[1]):  # V, U's gradients add up in bf16 before their one cast back
+        torch.testing.assert_close(g, h, rtol=1e-2, atol=1e-5)
+    assert set(step(contextlib.nullcontext())[2]) == {0}
 
 
 def test_memory_plan_stops_a_run_that_cannot_fit():

@@ -27,7 +27,7 @@ import re
 import resource
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -122,19 +122,21 @@ class Components(nn.Module):
         self.U = nn.Parameter(torch.randn(C, d_out, device=device) / math.sqrt(C))    # write directions
         self.mask = None   # None: the target's weight; else (m [..., C], δ [...])
         self.input = None  # input of the last forward through the target's weight: what CI reads
+        self.cast = None   # (V, U, W) in autocast's dtype, made once per training step (Decomposition.cast_once)
 
     def delta(self):  # [d_out, d_in], in fp32: what the faithfulness loss drives to zero
         return self.weight.float() - (self.V @ self.U).T
 
     def forward(self, x):  # x [..., d_in]
+        V, U, W = self.cast or (self.V, self.U, self.weight)
         if self.mask is None:
             self.input = x
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, W, self.bias)
         # Σ_c m_c (x·V_c) U_c + δ Δx, with Δx = Wx - (V U)^T x written out: Δ is never built here, and
         # m = δ = 1 gives Wx exactly (that is how unrouted positions get the target's own output)
         m, d = self.mask
         d = d.unsqueeze(-1)                                                                  # [..., 1]
-        out = torch.addcmul(((x @ self.V) * (m - d)) @ self.U, d, F.linear(x, self.weight))
+        out = torch.addcmul(((x @ V) * (m - d)) @ U, d, F.linear(x, W))
         return out if self.bias is None else out + self.bias
 
 
@@ -339,6 +341,23 @@ class Decomposition(nn.Module):
         s, d = source.split([ci.shape[-1], len(self.Cs)], -1)   # split, not slices: its backward is one cat
         m = torch.lerp(s, s.new_ones(()), ci)                   # = g + (1 - g) s, one fused operation
         return {n: (m_n, d[..., i]) for i, (n, m_n) in enumerate(self.split(m).items())}
+
+    @contextmanager
+    def cast_once(self, autocast):
+        """Under autocast (bf16 on CUDA) the matrices' V, U and W in its dtype once for all the passes of a
+        training step, instead of in every pass: autocast casts the frozen W at every use and V, U once per
+        autocast region, and the step has several (its backward must run outside them). Autograd flows
+        through the one cast of each V and U. Without autocast nothing changes."""
+        kind = self.target_device().type
+        with autocast:
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        for c in self.comps.values():
+            c.cast = (c.V.to(dtype), c.U.to(dtype), c.weight.to(dtype)) if dtype else None
+        try:
+            yield
+        finally:
+            for c in self.comps.values():
+                c.cast = None
 
     def deltas(self):
         with torch.autocast(self.target_device().type, enabled=False):  # Δ ≈ 0 needs fp32
@@ -714,27 +733,28 @@ def load_checkpoint(path: str, keys=("config", "step", "components", "target", "
 def training_losses(dec, x, adversary, cfg, p, adv_lr, autocast=nullcontext()):
     """Steps 1-4 of a VPD training step (METHOD.md §5) on a batch x. Returns the loss terms and the
     adversary's sources of this step (leaves whose .grad the main backward fills, for step 8)."""
-    # 1-2: the target, caching each decomposed matrix's input, then the causal importances
-    with autocast:
-        with torch.no_grad():
-            target_out = dec(x)
-        ci_lower, ci_upper = dec.causal_importance()                      # [..., ΣC]
-    # 3: the persistent adversary's inner ascent steps (gradients w.r.t. the sources only)
-    sources, shape = None, (*ci_lower.shape[:-1], ci_lower.shape[-1] + len(dec.comps))
-    if cfg.adv_coeff:
-        for _ in range(cfg.adv_steps):
-            sources = adversary.leaves(shape, x.device)
-            with autocast:
-                loss = adversarial_recon_loss(dec, x, target_out, ci_lower.detach(), sources, cfg)
-            adversary.ascend(torch.autograd.grad(loss, [sources])[0], adv_lr)
-        sources = adversary.leaves(shape, x.device)
-    # 4: the losses
-    losses = {"faith": faithfulness_loss(dec.deltas()), "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
-    with autocast:
-        if cfg.stoch_coeff:
-            losses["stoch"] = stochastic_recon_loss(dec, x, target_out, ci_lower, cfg)
+    with dec.cast_once(autocast):  # V, U, W in bf16 once for all the passes below
+        # 1-2: the target, caching each decomposed matrix's input, then the causal importances
+        with autocast:
+            with torch.no_grad():
+                target_out = dec(x)
+            ci_lower, ci_upper = dec.causal_importance()                      # [..., ΣC]
+        # 3: the persistent adversary's inner ascent steps (gradients w.r.t. the sources only)
+        sources, shape = None, (*ci_lower.shape[:-1], ci_lower.shape[-1] + len(dec.comps))
         if cfg.adv_coeff:
-            losses["adv"] = adversarial_recon_loss(dec, x, target_out, ci_lower, sources, cfg)
+            for _ in range(cfg.adv_steps):
+                sources = adversary.leaves(shape, x.device)
+                with autocast:
+                    loss = adversarial_recon_loss(dec, x, target_out, ci_lower.detach(), sources, cfg)
+                adversary.ascend(torch.autograd.grad(loss, [sources])[0], adv_lr)
+            sources = adversary.leaves(shape, x.device)
+        # 4: the losses
+        losses = {"faith": faithfulness_loss(dec.deltas()), "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
+        with autocast:
+            if cfg.stoch_coeff:
+                losses["stoch"] = stochastic_recon_loss(dec, x, target_out, ci_lower, cfg)
+            if cfg.adv_coeff:
+                losses["adv"] = adversarial_recon_loss(dec, x, target_out, ci_lower, sources, cfg)
     return losses, sources
 
 
