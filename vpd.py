@@ -291,6 +291,7 @@ class Decomposition(nn.Module):
         self.ci_fn.to(self.target_device())
         self.Cs = list(Cs.values())
         self.tie = cfg.tie
+        self.recon = recon_loss  # or its compiled twin (fuse)
         for b, a in self.tie.items():
             if a not in self.comps or b not in self.comps:
                 raise ValueError(f"tie {b!r} -> {a!r}: both must be decomposed matrices, i.e. in {list(self.comps)}")
@@ -336,11 +337,25 @@ class Decomposition(nn.Module):
         m = g + (1 - g) s on the first ΣC channels; the last M channels are the matrices' δ. Where
         routed [..., M] is False a matrix gets source 1, so m = 1 and δ = 1: W itself (W = (V U)^T + Δ).
         Routed and unrouted positions thus share one computation instead of computing both outputs."""
+        m, d = self.mix(ci, source, routed)
+        return {n: (m_n, d[..., i]) for i, (n, m_n) in enumerate(self.split(m).items())}
+
+    def mix(self, ci, source, routed=None):
+        """The masks of all matrices side by side [..., ΣC] and their δ [..., M] (see masks)."""
         if routed is not None:
             source = torch.where(routed[..., self.matrix_of], source, 1.0)
         s, d = source.split([ci.shape[-1], len(self.Cs)], -1)   # split, not slices: its backward is one cat
-        m = torch.lerp(s, s.new_ones(()), ci)                   # = g + (1 - g) s, one fused operation
-        return {n: (m_n, d[..., i]) for i, (n, m_n) in enumerate(self.split(m).items())}
+        return torch.lerp(s, s.new_ones(()), ci), d             # m = g + (1 - g) s, one fused operation
+
+    def fuse(self):
+        """For CUDA: torch.compile the masks' construction (routing, g + (1 - g) s) and the reconstruction
+        loss, so that each runs as a few fused kernels forward and backward instead of one pass over the
+        [B, T, ΣC] or [B, T, vocab] tensors per operation (on a CPU it gained nothing: see README). Each is
+        compiled once per kind of call: which inputs need gradients, routing or not, a batch of 1 (up to 8
+        for mix with evaluation: more than dynamo's default limit leaves no headroom)."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        self.mix = torch.compile(self.mix, dynamic=True)
+        self.recon = torch.compile(recon_loss, dynamic=True)
 
     @contextmanager
     def cast_once(self, autocast):
@@ -444,13 +459,13 @@ def stochastic_recon_loss(dec, x, target_out, ci, cfg):
     M = len(dec.comps)
     u = torch.rand(*ci.shape[:-1], ci.shape[-1] + M, device=ci.device)
     if cfg.routing == "all":
-        return recon_loss(dec.masked(x, dec.masks(ci, u)), target_out, cfg.recon_loss)
+        return dec.recon(dec.masked(x, dec.masks(ci, u)), target_out, cfg.recon_loss)
     if cfg.routing == "uniform_k_subset":
         masks = dec.masks(ci, u, uniform_k_subset(ci.shape[:-1], M, ci.device))
-        return recon_loss(dec.masked(x, masks), target_out, cfg.recon_loss)
+        return dec.recon(dec.masked(x, masks), target_out, cfg.recon_loss)
     masks = dec.masks(ci, u)  # "layerwise"
-    every = recon_loss(dec.masked(x, masks), target_out, cfg.recon_loss)
-    each = [recon_loss(dec.masked(x, {n: masks[n]}), target_out, cfg.recon_loss) for n in masks]
+    every = dec.recon(dec.masked(x, masks), target_out, cfg.recon_loss)
+    each = [dec.recon(dec.masked(x, {n: masks[n]}), target_out, cfg.recon_loss) for n in masks]
     return every + sum(each) / len(each)
 
 
@@ -503,7 +518,7 @@ class Adversary:
 
 def adversarial_recon_loss(dec, x, target_out, ci, sources, cfg):
     routed = uniform_k_subset(ci.shape[:-1], len(dec.comps), ci.device) if cfg.adv_routing != "all" else None
-    return recon_loss(dec.masked(x, dec.masks(ci, sources, routed)), target_out, cfg.recon_loss)
+    return dec.recon(dec.masked(x, dec.masks(ci, sources, routed)), target_out, cfg.recon_loss)
 
 
 def eval_adversary(dec, x, target_out, ci, cfg, milestones, step_size=0.1):
@@ -515,7 +530,7 @@ def eval_adversary(dec, x, target_out, ci, cfg, milestones, step_size=0.1):
     found = {}
     for i in range(max(milestones) + 1):
         sources.requires_grad_()
-        loss = recon_loss(dec.masked(x, dec.masks(ci, sources)), target_out, cfg.recon_loss)
+        loss = dec.recon(dec.masked(x, dec.masks(ci, sources)), target_out, cfg.recon_loss)
         if i in milestones:
             found[i] = loss.item()
         if i == max(milestones):
@@ -622,7 +637,7 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
         torch.manual_seed(cfg.seed + 1)
         for i in range(cfg.eval_batches):
             x, y = get_batch("val", i)
-            with autocast:  # the precision training uses, so that evaluation sees training's CI
+            with autocast, dec.cast_once(autocast):  # training's precision, so that evaluation sees training's CI
                 batch, ci = evaluate_batch(dec, x, y, cfg)
             for k, v in batch.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.eval_batches
@@ -802,6 +817,8 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
                 else nullcontext())
     if cfg.compile:  # the CI function with both sigmoids, fused; modules untouched: state-dict keys stay the same
         dec.causal_importance = torch.compile(dec.causal_importance)
+        if device.type == "cuda":
+            dec.fuse()
     plan = memory_plan(dec, cfg, get_batch("train", 0)[0], autocast)
     check_memory(plan, device, cfg, verbose=master)
     if cfg.eval_interval > 0:
