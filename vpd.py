@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 
@@ -50,6 +51,7 @@ class Config:
     dtype: str = "float32"           # "bfloat16": autocast on CUDA (Δ and L_faith stay fp32)
     compile: bool = None             # torch.compile the hot paths; None: on for CUDA, off on CPU
     memory_check: bool = True        # stop before training when the memory plan exceeds free memory
+    peak_tflops: float = 0.0         # the device's peak, for the MFU in the log; 0: the GPU's from PEAK_TFLOPS
     # §1 what to decompose: module-path pattern -> number of subcomponents C
     modules: dict = field(default_factory=lambda: {"linear1": 20, "linear2": 20})
     tie: dict = field(default_factory=dict)  # {"linear2": "linear1"}: for a target with W2 = W1^T, V2 = U1^T, U2 = V1^T
@@ -821,6 +823,9 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
             dec.fuse()
     plan = memory_plan(dec, cfg, get_batch("train", 0)[0], autocast)
     check_memory(plan, device, cfg, verbose=master)
+    flops, peak = step_flops(dec, cfg, get_batch("train", 0)[0], autocast), peak_tflops(cfg, device)
+    if master:
+        print(f"one training step: {flops / 1e9:.1f} GFLOP per process" + (f"; peak {peak} TFLOP/s" if peak else ""))
     if cfg.eval_interval > 0:
         get_batch("val", 0)  # a missing validation split fails now, not after eval_interval steps
 
@@ -923,7 +928,8 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
             adversary.ascend(sources.grad / cfg.adv_coeff, adv_lr)
             sources = None  # its gradient [*positions, ΣC + M] would live on through the next step's losses
 
-        n_tok += dec.n_positions() * world_size()
+        positions = dec.n_positions() * world_size()
+        n_tok += positions
         done = step + 1
         log_now = done == cfg.steps or (cfg.log_interval > 0 and done % cfg.log_interval == 0)
         eval_now = cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.steps)
@@ -933,9 +939,10 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t_last
             values = mean_over_processes(torch.stack([v.detach().float() for v in losses.values()] + [total.detach()]))
+            tflops = flops * (done - step_last) / dt / 1e12  # per process
             record = {"step": done, **dict(zip([*losses, "total"], values.tolist())), "p": p, "lr": lr,
                       "ms_per_step": 1000 * dt / (done - step_last), "tokens_per_s": n_tok / dt,
-                      "peak_mem_gb": peak_memory_gb(device)}
+                      "tflops": tflops, **({"mfu": tflops / peak} if peak else {}), "peak_mem_gb": peak_memory_gb(device)}
             step_ms.append(record["ms_per_step"])
             log(record)
             if master:
@@ -951,8 +958,12 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         if log_now or eval_now or ckpt_now:  # the timer measures training steps only
             t_last, step_last, n_tok = time.perf_counter(), done, 0
     if master and len(step_ms) > 1:
-        print(f"median ms/step {sorted(step_ms[1:])[len(step_ms[1:]) // 2]:.1f} over {len(step_ms) - 1} logged "
-              f"intervals (the first, with warm-up and compilation, left out)")
+        ms = sorted(step_ms[1:])[len(step_ms[1:]) // 2]
+        tflops = flops / ms / 1e9
+        print(f"median ms/step {ms:.1f} over {len(step_ms) - 1} logged intervals (the first, with warm-up and "
+              f"compilation, left out): {positions / ms * 1000:.0f} tokens/s, "
+              + (f"{tflops:.1f} TFLOP/s, MFU {tflops / peak:.1%} of {peak} TFLOP/s" if peak else
+                 f"{1000 * tflops:.1f} GFLOP/s per process"))
     if master and truth is not None:
         save_figures(dec, truth, cfg.out_dir)
     return metrics
@@ -1034,6 +1045,36 @@ def check_memory(plan: dict, device, cfg: Config, verbose=True):
         raise SystemExit(f"this run needs about {plan['total'] / 2**30:.1f} GiB per process, more than 90% of the "
                          f"{free / 2**30:.1f} GiB free: lower batch_size (per process) to about {max(fits, 0)}, spread "
                          f"the batch over more GPUs with torchrun{bf16} (--memory_check=False runs anyway)")
+
+
+def step_flops(dec, cfg, x, autocast=nullcontext()) -> int:
+    """FLOPs of one training step on batch x per process, as MFU counts them (matmuls and attention: the
+    losses, the adversary's inner steps, the backward), counted with FlopCounterMode on the first one and
+    two samples and extrapolated linearly (Δ's V U in the faithfulness loss does not grow with the batch)."""
+    def count(xb):
+        with (torch.random.fork_rng([xb.device] if xb.is_cuda else []), torch.compiler.set_stance("force_eager"),
+              FlopCounterMode(display=False) as counter):
+            losses, _ = training_losses(dec, xb, Adversary(), cfg, cfg.p_start, 0.0, autocast)
+            sum(losses.values()).backward()
+        dec.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+    one, two = count(x[:1]), count(x[:2])
+    return one + (two - one) * (len(x) - 1)
+
+
+# dense peak TFLOP/s (bf16 tensor cores, fp32) of common GPUs by name; the first match counts
+PEAK_TFLOPS = [("H100 PCIe", 756, 51), ("H100 NVL", 835, 60), ("H200 NVL", 835, 60), ("H100", 989, 67),
+               ("H200", 989, 67), ("A100", 312, 19.5), ("L40S", 362, 91.6), ("L40", 181, 90.5), ("L4", 121, 30.3),
+               ("RTX 4090", 165, 82.6), ("RTX 3090", 71, 35.6)]
+
+
+def peak_tflops(cfg, device) -> float:
+    """The peak that MFU divides by: cfg.peak_tflops, else the GPU's from PEAK_TFLOPS in the run's precision;
+    0 when unknown (CPUs), and the log then shows only the achieved TFLOP/s."""
+    if cfg.peak_tflops or device.type != "cuda":
+        return cfg.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((bf16 if cfg.dtype == "bfloat16" else fp32 for key, bf16, fp32 in PEAK_TFLOPS if key in name), 0.0)
 
 
 def peak_memory_gb(device):
