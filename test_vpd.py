@@ -789,6 +789,36 @@ def test_fused_masks_and_loss_give_the_eager_losses_and_gradients(monkeypatch):
     assert fused[2] == pytest.approx(eager[2], rel=1e-5, abs=1e-9)
 
 
+def test_step_flops_count_a_whole_step_and_the_log_shows_mfu(tmp_path, monkeypatch):
+    """The FLOPs of a step, counted on 1 and 2 sequences and extrapolated, are those counted on the whole batch
+    (losses, the adversary's inner steps, the backward); every log line has TFLOP/s and, given a peak, MFU."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, tcfg = tiny_lm()
+    cfg = lm_config()
+    dec = vpd.Decomposition(model, cfg)
+    x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
+    with FlopCounterMode(display=False) as counter:
+        losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, cfg.p_start, 0.0)
+        sum(losses.values()).backward()
+    dec.zero_grad(set_to_none=True)
+    assert vpd.step_flops(dec, cfg, x) == counter.get_total_flops() > 0
+    without_adversary = vpd.step_flops(dec, dataclasses.replace(cfg, adv_steps=0), x)
+    assert without_adversary < counter.get_total_flops()
+    # the peak: the config's, else the GPU's by name (bf16 or fp32), else none
+    assert vpd.peak_tflops(vpd.Config(peak_tflops=500.0), torch.device("cpu")) == 500.0
+    assert vpd.peak_tflops(vpd.Config(), torch.device("cpu")) == 0.0
+    for name, dtype, peak in (("NVIDIA H100 80GB HBM3", "bfloat16", 989), ("NVIDIA H100 PCIe", "bfloat16", 756),
+                              ("NVIDIA A100-SXM4-80GB", "float32", 19.5), ("NVIDIA L40S", "bfloat16", 362),
+                              ("NVIDIA L4", "bfloat16", 121), ("Some Future GPU", "bfloat16", 0.0)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+        assert vpd.peak_tflops(vpd.Config(dtype=dtype), torch.device("cuda")) == peak, name
+    model, tcfg = tiny_lm()
+    cfg = lm_config(out_dir=str(tmp_path), steps=3, batch_size=4, log_interval=1, eval_interval=0, peak_tflops=0.5)
+    vpd.train(cfg, model, models.token_batches(tcfg, 4, seed=0))
+    records = train_losses(tmp_path / "metrics.jsonl")
+    assert len(records) == 3 and all(r["tflops"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / 0.5) for r in records)
+
+
 def test_memory_plan_stops_a_run_that_cannot_fit():
     model, tcfg = tiny_lm()
     cfg = lm_config(batch_size=4)
