@@ -137,6 +137,30 @@ def test_masks_from_ci_and_source():
     torch.testing.assert_close(masks["0"][0], ci[:, :5] + (1 - ci[:, :5]) * source[:, :5])
 
 
+def test_masks_gradients_are_those_of_the_formula():
+    """Masks' hand-written backward: the gradients autograd gives m = g + (1 - g) s written out, with a
+    source per position or one shared by all (the evaluation adversary's), and with only one input needing
+    them (the stochastic loss's CI, the adversary's inner steps' source)."""
+    dec, _ = decomposition()
+    for source_shape, needs in (((3, 4, 14), (True, True)), ((1, 1, 14), (True, True)), ((3, 4, 14), (True, False)),
+                                ((3, 4, 14), (False, True))):
+        grads = []
+        for hand in (True, False):
+            torch.manual_seed(0)
+            ci = torch.rand(3, 4, 12).requires_grad_(needs[0])
+            source = torch.rand(source_shape).requires_grad_(needs[1])
+            if hand:
+                masks = dec.masks(ci, source)
+            else:
+                m = ci + (1 - ci) * source[..., :12]
+                masks = {"0": (m[..., :5], source[..., 12]), "2": (m[..., 5:], source[..., 13])}
+            w = torch.randn(3, 4, 14, generator=torch.Generator().manual_seed(1))
+            loss = sum((m_n * w[..., :m_n.shape[-1]]).sum() + (d * w[..., -1]).sum() for m_n, d in masks.values())
+            grads.append(torch.autograd.grad(loss, [t for t in (ci, source) if t.requires_grad]))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
+
+
 def test_uniform_k_subset_inclusion_probability():
     torch.manual_seed(0)
     for M in (2, 5):
