@@ -959,7 +959,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         dec.tie_weights()
         # 8: the adversary's outer step, with the gradient the main backward left on the sources
         if cfg.adv_coeff:
-            adversary.ascend(sources.grad / cfg.adv_coeff, adv_lr)
+            adversary.ascend(sources.grad.div_(cfg.adv_coeff), adv_lr)
             sources = None  # its gradient [*positions, ΣC + M] would live on through the next step's losses
 
         positions = dec.n_positions() * world_size()
