@@ -5,7 +5,6 @@ import contextlib
 import copy
 import dataclasses
 import fnmatch
-import functools
 import json
 import math
 import os
@@ -784,19 +783,17 @@ def test_bf16_casts_once_per_step_with_the_same_losses_and_gradients(monkeypatch
     assert set(step(contextlib.nullcontext())[2]) == {0}
 
 
-def test_fused_masks_and_loss_give_the_eager_losses_and_gradients(monkeypatch):
-    """Decomposition.fuse (on CUDA) compiles the masks' construction and the reconstruction loss; traced
-    here with the aot_eager backend (inductor's own code is for the GPU): the same losses and gradients as
-    eager, for every kind of call a training step and an evaluation make."""
-    def step(fuse):
+def test_compiled_reconstruction_loss_gives_the_eager_losses_and_gradients():
+    """On CUDA training compiles the reconstruction loss (dynamic shapes); traced here with the aot_eager
+    backend (inductor's own code is for the GPU): the same losses, gradients and metrics as eager, for
+    every kind of call a training step and an evaluation make, on the padded logits' view."""
+    def step(compiled):
         model, tcfg = tiny_lm()
         cfg = lm_config(adv_routing="uniform_k_subset")
         torch.manual_seed(0)
         dec = vpd.Decomposition(model, cfg)
-        if fuse:
-            monkeypatch.setattr(torch, "compile", functools.partial(real_compile, backend="aot_eager"))
-            dec.fuse()
-            monkeypatch.setattr(torch, "compile", real_compile)
+        if compiled:
+            dec.recon = torch.compile(vpd.recon_loss, dynamic=True, backend="aot_eager")
         x, y = models.token_batches(tcfg, 4, seed=0)("train", 0)
         torch.manual_seed(1)
         losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, p=1.5, adv_lr=0.01)
@@ -804,13 +801,12 @@ def test_fused_masks_and_loss_give_the_eager_losses_and_gradients(monkeypatch):
         metrics, _ = vpd.evaluate_batch(dec, x, y, dataclasses.replace(cfg, eval_adv_steps=[0, 3]))
         return losses, [p.grad for p in dec.parameters() if p.requires_grad], metrics
 
-    real_compile = torch.compile
-    eager, fused = step(False), step(True)
+    eager, compiled = step(False), step(True)
     for k in eager[0]:
-        assert fused[0][k].item() == pytest.approx(eager[0][k].item(), rel=1e-6, abs=1e-9), k
-    for g, h in zip(fused[1], eager[1]):
+        assert compiled[0][k].item() == pytest.approx(eager[0][k].item(), rel=1e-6, abs=1e-9), k
+    for g, h in zip(compiled[1], eager[1]):
         torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7)
-    assert fused[2] == pytest.approx(eager[2], rel=1e-5, abs=1e-9)
+    assert compiled[2] == pytest.approx(eager[2], rel=1e-5, abs=1e-9)
 
 
 def test_step_flops_count_a_whole_step_and_the_log_shows_mfu(tmp_path, monkeypatch):

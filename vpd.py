@@ -328,7 +328,7 @@ class Decomposition(nn.Module):
         self.ci_fn.to(self.target_device())
         self.Cs = list(Cs.values())
         self.tie = cfg.tie
-        self.recon = recon_loss  # or its compiled twin (fuse)
+        self.recon = recon_loss  # compiled on CUDA (see train)
         for b, a in self.tie.items():
             if a not in self.comps or b not in self.comps:
                 raise ValueError(f"tie {b!r} -> {a!r}: both must be decomposed matrices, i.e. in {list(self.comps)}")
@@ -374,24 +374,10 @@ class Decomposition(nn.Module):
         m = g + (1 - g) s on the first ΣC channels; the last M channels are the matrices' δ. Where
         routed [..., M] is False a matrix gets source 1, so m = 1 and δ = 1: W itself (W = (V U)^T + Δ).
         Routed and unrouted positions thus share one computation instead of computing both outputs."""
-        d, *m = self.mix(ci, source, routed)
-        return {n: (m_n, d[..., i]) for i, (n, m_n) in enumerate(zip(self.comps, m))}
-
-    def mix(self, ci, source, routed=None):
-        """δ [..., M] and the masks [..., C] of every matrix (see masks)."""
         if routed is not None:  # index_select: 2x faster than indexing with [..., matrix_of] on a CPU
             source = torch.where(routed.index_select(-1, self.matrix_of), source, 1.0)
-        return Masks.apply(ci, source, self.Cs)
-
-    def fuse(self):
-        """For CUDA: torch.compile the masks' construction (routing, g + (1 - g) s) and the reconstruction
-        loss, so that each runs as a few fused kernels forward and backward instead of one pass over the
-        [B, T, ΣC] or [B, T, vocab] tensors per operation (on a CPU it gained nothing: see README). Each is
-        compiled once per kind of call: which inputs need gradients, routing or not, a batch of 1 (up to 8
-        for mix with evaluation: more than dynamo's default limit leaves no headroom)."""
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-        self.mix = torch.compile(self.mix, dynamic=True)
-        self.recon = torch.compile(recon_loss, dynamic=True)
+        d, *m = Masks.apply(ci, source, self.Cs)
+        return {n: (m_n, d[..., i]) for i, (n, m_n) in enumerate(zip(self.comps, m))}
 
     @contextmanager
     def cast_once(self, autocast):
@@ -853,8 +839,8 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
                 else nullcontext())
     if cfg.compile:  # the CI function with both sigmoids, fused; modules untouched: state-dict keys stay the same
         dec.causal_importance = torch.compile(dec.causal_importance)
-        if device.type == "cuda":
-            dec.fuse()
+        if device.type == "cuda":  # the logits' fp32 cast, log-softmaxes and KL as a few fused kernels, forward
+            dec.recon = torch.compile(recon_loss, dynamic=True)  # and backward (no gain on a CPU: see README)
     plan = memory_plan(dec, cfg, get_batch("train", 0)[0], autocast)
     check_memory(plan, device, cfg, verbose=master)
     flops, peak = step_flops(dec, cfg, get_batch("train", 0)[0], autocast), peak_tflops(cfg, device)
