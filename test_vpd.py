@@ -251,8 +251,8 @@ def test_persistent_adversary_ascent_raises_loss_and_stays_in_unit_box():
 
 
 def test_persistent_adversary_is_adam_ascent_and_resumes_from_its_state():
-    """Adam ascent (torch's fused kernel) with the moments of the loss's gradient, as written out by hand;
-    its state_dict (the checkpoint's format) continues the same trajectory."""
+    """Adam ascent with the moments of the loss's gradient, as written out by hand, also compiled (as on
+    CUDA); its state_dict (the checkpoint's format) continues the same trajectory."""
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(6, 5, generator=g) for _ in range(6)]
     adversary = vpd.Adversary()
@@ -273,6 +273,16 @@ def test_persistent_adversary_is_adam_ascent_and_resumes_from_its_state():
         adversary.ascend(grad, lr=0.05)
         resumed.ascend(grad, lr=0.05)
     assert torch.equal(resumed.sources, adversary.sources)
+    eager, compiled = vpd.Adversary(), vpd.Adversary()
+    compiled.update = torch.compile(compiled.update, backend="aot_eager")
+    for adv in (eager, compiled):
+        adv.load_state_dict({k: val.clone() if torch.is_tensor(val) else val for k, val in state.items()})
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for lr, grad in zip((0.05, 0.02, 0.01), grads[3:]):  # a new step size each time
+        eager.ascend(grad, lr=lr)
+        compiled.ascend(grad, lr=lr)
+    torch.testing.assert_close(compiled.sources, eager.sources)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # one graph for every step size
 
 
 def test_eval_adversary_shared_source_raises_loss():

@@ -175,7 +175,8 @@ class Masks(torch.autograd.Function):
     """Every matrix's mask m = g + (1 - g) s [..., C] and the δ channels [..., M], from CI values g [..., ΣC]
     and a source s [..., ΣC + M] (see Decomposition.masks). The same as splitting lerp(s, 1, g), but the
     backward writes each input's gradient in one pass: autograd's own concatenated the matrices' gradients
-    and spent five more passes over [..., ΣC] in lerp's backward (on a CPU, 40% of the masks' time)."""
+    and spent five more passes over [..., ΣC] in lerp's backward (a masked pass's masks, forward and
+    backward, took 34-58 ms on a CPU thread at bench_cpu's size; 24-30 ms this way)."""
 
     @staticmethod
     def forward(ctx, g, source, Cs: list):
@@ -195,10 +196,10 @@ class Masks(torch.autograd.Function):
         for gm, g_i, s_i, out_g, out_s in zip(grad_m, g.split(ctx.Cs, -1), source.split(sizes, -1),
                                               none if grad_g is None else grad_g.split(ctx.Cs, -1),
                                               none if grad_s is None else grad_s.split(sizes, -1)):
-            if out_g is not None:  # ∂m/∂g = 1 - s: written straight into its columns, no concatenation
-                torch.addcmul(gm, gm, s_i, value=-1, out=out_g)
-            if out_s is not None:  # ∂m/∂s = 1 - g
-                torch.addcmul(gm, gm, g_i, value=-1, out=out_s)
+            if out_g is not None:  # ∂m/∂g = 1 - s, ∂m/∂s = 1 - g, computed as lerp's backward does (the same
+                torch.mul(gm, 1 - s_i, out=out_g)  # bits), straight into their columns: no concatenation
+            if out_s is not None:
+                torch.mul(gm, 1 - g_i, out=out_s)
         if grad_s is not None:  # δ has the source's own shape: its gradient is not summed over positions
             grad_s[..., n:] = 0
             grad_s = grad_s.sum_to_size(source.shape)
@@ -494,12 +495,12 @@ def stochastic_recon_loss(dec, x, target_out, ci, cfg):
 class Adversary:
     """Persistent PGD: a source [*positions, ΣC + M] in [0, 1] (see Decomposition.masks), kept across
     training steps and moved by projected Adam *ascent* on the reconstruction loss. All matrices share
-    one tensor, so an ascent step is one fused Adam kernel and a clamp however many matrices (written
-    out, Adam's moment and step updates took eight passes over the tensor, 3.5x the time on a CPU)."""
+    one tensor, so an ascent step is a handful of in-place operations however many matrices (on CUDA
+    one compiled kernel: see train)."""
 
     def __init__(self, betas=(0.5, 0.99), eps=1e-8):
         self.betas, self.eps = betas, eps
-        self.sources, self.opt = None, None
+        self.sources, self.m, self.v, self.t = None, None, None, 0
 
     def leaves(self, shape, device):
         """The sources as a fresh leaf tensor that collects gradients, initialised U(0, 1) on first use or
@@ -508,34 +509,28 @@ class Adversary:
             if self.sources is not None:
                 print(f"adversary: saved sources {tuple(self.sources.shape)} do not fit batch {tuple(shape)}; "
                       "starting afresh")
-            self.start(torch.rand(shape, device=device))
+            self.sources = torch.rand(shape, device=device)
+            self.m, self.v, self.t = torch.zeros_like(self.sources), torch.zeros_like(self.sources), 0
         return self.sources.detach().requires_grad_()
-
-    def start(self, sources):
-        self.sources = sources
-        self.opt = torch.optim.Adam([sources], betas=self.betas, eps=self.eps, maximize=True, fused=True)
 
     @torch.no_grad()
     def ascend(self, grad, lr: float):
-        self.sources.grad = grad
-        self.opt.param_groups[0]["lr"] = lr
-        self.opt.step()
-        self.sources.grad = None
-        self.sources.clamp_(0, 1)
+        self.t += 1
+        b1, b2 = self.betas
+        scalars = torch.tensor([lr / (1 - b1 ** self.t), math.sqrt(1 - b2 ** self.t)], device=grad.device)
+        self.update(self.sources, self.m, self.v, grad, *scalars)
 
-    def state_dict(self):  # m: the moment of the loss's gradient (maximize=True keeps its negative's)
-        state = self.opt.state[self.sources] if self.opt else {}
-        if not state:
-            return {"sources": self.sources, "m": None, "v": None, "t": 0}
-        return {"sources": self.sources, "m": -state["exp_avg"], "v": state["exp_avg_sq"], "t": int(state["step"])}
+    def update(self, sources, m, v, grad, step_size, bias2):  # the last two: tensors, so compiled code takes new values
+        b1, b2 = self.betas
+        m.lerp_(grad, 1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        sources.addcdiv_(m * step_size, v.sqrt().div_(bias2).add_(self.eps)).clamp_(0, 1)
+
+    def state_dict(self):
+        return {"sources": self.sources, "m": self.m, "v": self.v, "t": self.t}
 
     def load_state_dict(self, sd):
-        self.sources, self.opt = None, None
-        if sd["sources"] is not None:
-            self.start(sd["sources"])
-        if sd["t"]:
-            self.opt.state[self.sources] = {"step": torch.tensor(float(sd["t"]), device=self.sources.device),
-                                            "exp_avg": -sd["m"], "exp_avg_sq": sd["v"]}
+        self.sources, self.m, self.v, self.t = sd["sources"], sd["m"], sd["v"], sd["t"]
 
 
 def adversarial_recon_loss(dec, x, target_out, ci, sources, cfg):
@@ -839,8 +834,9 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
                 else nullcontext())
     if cfg.compile:  # the CI function with both sigmoids, fused; modules untouched: state-dict keys stay the same
         dec.causal_importance = torch.compile(dec.causal_importance)
-        if device.type == "cuda":  # the logits' fp32 cast, log-softmaxes and KL as a few fused kernels, forward
-            dec.recon = torch.compile(recon_loss, dynamic=True)  # and backward (no gain on a CPU: see README)
+        if device.type == "cuda":  # a few fused kernels instead of a pass per operation over [B, T, vocab] (the
+            dec.recon = torch.compile(recon_loss, dynamic=True)  # logits' fp32 cast, log-softmaxes, KL) and
+            adversary.update = torch.compile(adversary.update)   # [B, T, ΣC + M] (Adam); no gain on a CPU
     plan = memory_plan(dec, cfg, get_batch("train", 0)[0], autocast)
     check_memory(plan, device, cfg, verbose=master)
     flops, peak = step_flops(dec, cfg, get_batch("train", 0)[0], autocast), peak_tflops(cfg, device)
