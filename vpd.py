@@ -517,10 +517,12 @@ class Adversary:
     def ascend(self, grad, lr: float):
         self.t += 1
         b1, b2 = self.betas
-        scalars = torch.tensor([lr / (1 - b1 ** self.t), math.sqrt(1 - b2 ** self.t)], device=grad.device)
+        # the step size and bias correction as tensors, so that compiled code takes each step's values (made by
+        # torch.full on the device: torch.tensor would copy from the host and wait for the GPU)
+        scalars = [torch.full((), x, device=grad.device) for x in (lr / (1 - b1 ** self.t), math.sqrt(1 - b2 ** self.t))]
         self.update(self.sources, self.m, self.v, grad, *scalars)
 
-    def update(self, sources, m, v, grad, step_size, bias2):  # the last two: tensors, so compiled code takes new values
+    def update(self, sources, m, v, grad, step_size, bias2):
         b1, b2 = self.betas
         m.lerp_(grad, 1 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
