@@ -1,6 +1,7 @@
 """Tests of vpd.py and models.py: hand-computed losses, invariants of the masked forward, the sigmoids,
 routing, the adversary, checkpoints and resume, the configurator, and recovery of TMS 5-2.
 Run: python -m pytest -q   (offline, CPU, a few minutes on 2 cores)"""
+import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -136,6 +137,30 @@ def test_masks_from_ci_and_source():
     torch.testing.assert_close(masks["0"][0], ci[:, :5] + (1 - ci[:, :5]) * source[:, :5])
 
 
+def test_masks_gradients_are_those_of_the_formula():
+    """Masks' hand-written backward: the gradients autograd gives m = g + (1 - g) s written out, with a
+    source per position or one shared by all (the evaluation adversary's), and with only one input needing
+    them (the stochastic loss's CI, the adversary's inner steps' source)."""
+    dec, _ = decomposition()
+    for source_shape, needs in (((3, 4, 14), (True, True)), ((1, 1, 14), (True, True)), ((3, 4, 14), (True, False)),
+                                ((3, 4, 14), (False, True))):
+        grads = []
+        for hand in (True, False):
+            torch.manual_seed(0)
+            ci = torch.rand(3, 4, 12).requires_grad_(needs[0])
+            source = torch.rand(source_shape).requires_grad_(needs[1])
+            if hand:
+                masks = dec.masks(ci, source)
+            else:
+                m = ci + (1 - ci) * source[..., :12]
+                masks = {"0": (m[..., :5], source[..., 12]), "2": (m[..., 5:], source[..., 13])}
+            w = torch.randn(3, 4, 14, generator=torch.Generator().manual_seed(1))
+            loss = sum((m_n * w[..., :m_n.shape[-1]]).sum() + (d * w[..., -1]).sum() for m_n, d in masks.values())
+            grads.append(torch.autograd.grad(loss, [t for t in (ci, source) if t.requires_grad]))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
+
+
 def test_uniform_k_subset_inclusion_probability():
     torch.manual_seed(0)
     for M in (2, 5):
@@ -224,6 +249,41 @@ def test_persistent_adversary_ascent_raises_loss_and_stays_in_unit_box():
         assert ((adversary.sources >= 0) & (adversary.sources <= 1)).all()
     assert losses[-1] > 1.5 * losses[0]
     assert adversary.sources.shape == (64, 14)  # ΣC mask channels, then one δ channel per matrix
+
+
+def test_persistent_adversary_is_adam_ascent_and_resumes_from_its_state():
+    """Adam ascent with the moments of the loss's gradient, as written out by hand, also compiled (as on
+    CUDA); its state_dict (the checkpoint's format) continues the same trajectory."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(6, 5, generator=g) for _ in range(6)]
+    adversary = vpd.Adversary()
+    s = adversary.leaves((6, 5), "cpu").detach().clone()
+    m, v, (b1, b2) = torch.zeros_like(s), torch.zeros_like(s), adversary.betas
+    for t, grad in enumerate(grads[:3], 1):
+        adversary.ascend(grad, lr=0.05)
+        m, v = b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad ** 2
+        s = (s + 0.05 * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + adversary.eps)).clamp(0, 1)
+    torch.testing.assert_close(adversary.sources, s)
+    state = adversary.state_dict()
+    assert state["t"] == 3
+    torch.testing.assert_close(state["m"], m)
+    torch.testing.assert_close(state["v"], v)
+    resumed = vpd.Adversary()
+    resumed.load_state_dict({k: val.clone() if torch.is_tensor(val) else val for k, val in state.items()})
+    for grad in grads[3:]:
+        adversary.ascend(grad, lr=0.05)
+        resumed.ascend(grad, lr=0.05)
+    assert torch.equal(resumed.sources, adversary.sources)
+    eager, compiled = vpd.Adversary(), vpd.Adversary()
+    compiled.update = torch.compile(compiled.update, backend="aot_eager")
+    for adv in (eager, compiled):
+        adv.load_state_dict({k: val.clone() if torch.is_tensor(val) else val for k, val in state.items()})
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for lr, grad in zip((0.05, 0.02, 0.01), grads[3:]):  # a new step size each time
+        eager.ascend(grad, lr=lr)
+        compiled.ascend(grad, lr=lr)
+    torch.testing.assert_close(compiled.sources, eager.sources)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # one graph for every step size
 
 
 def test_eval_adversary_shared_source_raises_loss():
@@ -535,6 +595,28 @@ def test_llama_loads_goodfire_key_names_and_matches_reference():
         model.load_state_dict({**sd, "h.0.attn.c_attn.weight": torch.zeros(1)}, strict=True)
 
 
+def test_padded_logits_equal_the_unpadded_ones():
+    """The logits matmul runs on the vocabulary padded to a multiple of 64 with zero rows, and the logits
+    are a view of its first `vocab` columns: the same as the plain matmul's, to fp32 rounding (bitwise on
+    the CPUs tried, but a GEMM library may split another N differently). The state dict keeps its shapes,
+    and a decomposed lm_head still runs through its components."""
+    torch.manual_seed(0)
+    model = models.LlamaSimpleMLP(50, 16, 2, 2, 32)
+    tokens = torch.randint(50, (3, 8))
+    padded = model(tokens)
+    assert padded.shape == (3, 8, 50) and padded.stride(-2) == 64  # a view into the aligned buffer
+    model.vocab_multiple = 1
+    torch.testing.assert_close(padded, model(tokens), rtol=1e-6, atol=1e-6)
+    model.vocab_multiple = 64
+    assert model.state_dict()["lm_head.weight"].shape == model.state_dict()["wte.weight"].shape == (50, 16)
+    dec = vpd.Decomposition(model, lm_config(modules={"lm_head": 4}))
+    torch.testing.assert_close(dec(tokens), padded)
+    assert dec.comps["lm_head"].input.shape == (3, 8, 16)  # it went through Components
+    zero = {"lm_head": (torch.zeros(3, 8, 4), torch.zeros(3, 8))}
+    with torch.no_grad():
+        assert (dec.masked(tokens, zero) == 0).all()
+
+
 def test_batch_streams_differ_across_ranks_steps_and_splits():
     """Data parallelism must not replay one rank's batches on another (an odd rank stride once did:
     rank 2 at step 0 drew rank 0's batch of step 7919; a stride of 2^40 gave every rank the same batch),
@@ -671,6 +753,101 @@ def test_lm_run_end_to_end(tmp_path):
     assert {"l0_layer/h.0", "l0_layer/h.1", "ce_unrecovered/ci", "alive/total"} <= set(metrics)
     assert metrics["l0/total"] == pytest.approx(metrics["l0_layer/h.0"] + metrics["l0_layer/h.1"])
     assert metrics["ce_unrecovered/zero"] == pytest.approx(1.0)
+
+
+def test_bf16_casts_once_per_step_with_the_same_losses_and_gradients(monkeypatch):
+    """Under bf16 autocast (on CUDA in training; on the CPU here) each matrix's V, U and W are cast once per
+    training step, not in every masked pass (before: V, U 3 times, W 5 times); the losses and gradients
+    are those of casting in every pass. In fp32 nothing is cast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self, tensors):
+            super().__init__()
+            self.ptrs, self.n = {t.data_ptr(): i for i, t in enumerate(tensors)}, [0] * len(tensors)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.ptrs:
+                self.n[self.ptrs[args[0].data_ptr()]] += 1
+            return func(*args, **(kwargs or {}))
+
+    def step(autocast, cast_once=True):
+        model, tcfg = tiny_lm()
+        cfg = lm_config()
+        torch.manual_seed(0)
+        dec = vpd.Decomposition(model, cfg)
+        if not cast_once:
+            monkeypatch.setattr(dec, "cast_once", lambda autocast: contextlib.nullcontext())
+        x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
+        with CountCasts([t for c in dec.comps.values() for t in (c.V, c.U, c.weight)]) as casts:
+            losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, p=1.5, adv_lr=0.01, autocast=autocast)
+            sum(losses.values()).backward()
+        return losses, [p.grad for p in dec.parameters() if p.requires_grad], casts.n
+
+    losses, grads, casts = step(torch.autocast("cpu", torch.bfloat16))
+    assert set(casts) == {1}
+    every_pass = step(torch.autocast("cpu", torch.bfloat16), cast_once=False)
+    assert set(every_pass[2]) == {3, 5}
+    assert {k: v.item() for k, v in losses.items()} == {k: v.item() for k, v in every_pass[0].items()}
+    for g, h in zip(grads, every_pass[1]):  # V, U's gradients add up in bf16 before their one cast back
+        torch.testing.assert_close(g, h, rtol=1e-2, atol=1e-5)
+    assert set(step(contextlib.nullcontext())[2]) == {0}
+
+
+def test_compiled_reconstruction_loss_gives_the_eager_losses_and_gradients():
+    """On CUDA training compiles the reconstruction loss (dynamic shapes); traced here with the aot_eager
+    backend (inductor's own code is for the GPU): the same losses, gradients and metrics as eager, for
+    every kind of call a training step and an evaluation make, on the padded logits' view."""
+    def step(compiled):
+        model, tcfg = tiny_lm()
+        cfg = lm_config(adv_routing="uniform_k_subset")
+        torch.manual_seed(0)
+        dec = vpd.Decomposition(model, cfg)
+        if compiled:
+            dec.recon = torch.compile(vpd.recon_loss, dynamic=True, backend="aot_eager")
+        x, y = models.token_batches(tcfg, 4, seed=0)("train", 0)
+        torch.manual_seed(1)
+        losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, p=1.5, adv_lr=0.01)
+        sum(losses.values()).backward()
+        metrics, _ = vpd.evaluate_batch(dec, x, y, dataclasses.replace(cfg, eval_adv_steps=[0, 3]))
+        return losses, [p.grad for p in dec.parameters() if p.requires_grad], metrics
+
+    eager, compiled = step(False), step(True)
+    for k in eager[0]:
+        assert compiled[0][k].item() == pytest.approx(eager[0][k].item(), rel=1e-6, abs=1e-9), k
+    for g, h in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7)
+    assert compiled[2] == pytest.approx(eager[2], rel=1e-5, abs=1e-9)
+
+
+def test_step_flops_count_a_whole_step_and_the_log_shows_mfu(tmp_path, monkeypatch):
+    """The FLOPs of a step, counted on 1 and 2 sequences and extrapolated, are those counted on the whole batch
+    (losses, the adversary's inner steps, the backward); every log line has TFLOP/s and, given a peak, MFU."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, tcfg = tiny_lm()
+    cfg = lm_config()
+    dec = vpd.Decomposition(model, cfg)
+    x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
+    with FlopCounterMode(display=False) as counter:
+        losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, cfg.p_start, 0.0)
+        sum(losses.values()).backward()
+    dec.zero_grad(set_to_none=True)
+    assert vpd.step_flops(dec, cfg, x) == counter.get_total_flops() > 0
+    without_adversary = vpd.step_flops(dec, dataclasses.replace(cfg, adv_steps=0), x)
+    assert without_adversary < counter.get_total_flops()
+    # the peak: the config's, else the GPU's by name (bf16 or fp32), else none
+    assert vpd.peak_tflops(vpd.Config(peak_tflops=500.0), torch.device("cpu")) == 500.0
+    assert vpd.peak_tflops(vpd.Config(), torch.device("cpu")) == 0.0
+    for name, dtype, peak in (("NVIDIA H100 80GB HBM3", "bfloat16", 989), ("NVIDIA H100 PCIe", "bfloat16", 756),
+                              ("NVIDIA A100-SXM4-80GB", "float32", 19.5), ("NVIDIA L40S", "bfloat16", 362),
+                              ("NVIDIA L4", "bfloat16", 121), ("Some Future GPU", "bfloat16", 0.0)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+        assert vpd.peak_tflops(vpd.Config(dtype=dtype), torch.device("cuda")) == peak, name
+    model, tcfg = tiny_lm()
+    cfg = lm_config(out_dir=str(tmp_path), steps=3, batch_size=4, log_interval=1, eval_interval=0, peak_tflops=0.5)
+    vpd.train(cfg, model, models.token_batches(tcfg, 4, seed=0))
+    records = train_losses(tmp_path / "metrics.jsonl")
+    assert len(records) == 3 and all(r["tflops"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / 0.5) for r in records)
 
 
 def test_memory_plan_stops_a_run_that_cannot_fit():
@@ -1114,7 +1291,7 @@ def test_pile4l_edit_config_on_a_tiny_stand_in(lm_decomposition, tmp_path):
                             "--seq_len=8", "--split_tokens=1200", "--analysis_windows=8", "--eval_windows=8", "--top_k=2",
                             "--budgets=[2]", "--seeds=[0]", "--methods=['one','lora1_matrix']", "--steps=2",
                             "--keep_batch=2", "--save_budget=2", "--device='cpu'"], edit.EditConfig())
-    assert cfg.tokenizer.startswith("hf:") and cfg.split_tokens == 1200 and len(cfg.lambdas) == 3
+    assert cfg.tokenizer.startswith("hf:") and cfg.decomposition_processes == 8 and cfg.keep_windows == 32  # the config
     ed = edit.Editing(cfg)
     assert all(ed.test[lang].max() < 32 for lang in LANGS) and ed.chance == pytest.approx(math.log(32))
     edit.sweep(cfg)

@@ -27,13 +27,14 @@ import re
 import resource
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 
@@ -50,6 +51,7 @@ class Config:
     dtype: str = "float32"           # "bfloat16": autocast on CUDA (Δ and L_faith stay fp32)
     compile: bool = None             # torch.compile the hot paths; None: on for CUDA, off on CPU
     memory_check: bool = True        # stop before training when the memory plan exceeds free memory
+    peak_tflops: float = 0.0         # the device's peak, for the MFU in the log; 0: the GPU's from PEAK_TFLOPS
     # §1 what to decompose: module-path pattern -> number of subcomponents C
     modules: dict = field(default_factory=lambda: {"linear1": 20, "linear2": 20})
     tie: dict = field(default_factory=dict)  # {"linear2": "linear1"}: for a target with W2 = W1^T, V2 = U1^T, U2 = V1^T
@@ -129,6 +131,7 @@ class Components(nn.Module):
         self.U = nn.Parameter(torch.randn(C, d_out, device=device) / math.sqrt(C))    # write directions
         self.mask = None   # None: the target's weight; else (m [..., C], δ [...])
         self.input = None  # input of the last forward through the target's weight: what CI reads
+        self.cast = None   # (V, U, W) in autocast's dtype, made once per training step (Decomposition.cast_once)
 
     @property
     def W(self):  # [d_out, d_in], the nn.Linear convention for either kind of module (a view, no copy)
@@ -138,14 +141,15 @@ class Components(nn.Module):
         return self.W.float() - (self.V @ self.U).T
 
     def forward(self, x):  # x [..., d_in]
+        V, U, W = self.cast or (self.V, self.U, self.W)
         if self.mask is None:
             self.input = x
-            return F.linear(x, self.W, self.bias)
+            return F.linear(x, W, self.bias)
         # Σ_c m_c (x·V_c) U_c + δ Δx, with Δx = Wx - (V U)^T x written out: Δ is never built here, and
         # m = δ = 1 gives Wx exactly (that is how unrouted positions get the target's own output)
         m, d = self.mask
         d = d.unsqueeze(-1)                                                                  # [..., 1]
-        out = torch.addcmul(((x @ self.V) * (m - d)) @ self.U, d, F.linear(x, self.W))
+        out = torch.addcmul(((x @ V) * (m - d)) @ U, d, F.linear(x, W))
         return out if self.bias is None else out + self.bias
 
 
@@ -178,6 +182,42 @@ def uniform_k_subset(pos_shape, M: int, device) -> torch.Tensor:
     k = torch.randint(1, M + 1, pos_shape, device=device)
     rank = torch.rand(*pos_shape, M, device=device).argsort(-1).argsort(-1)  # a random permutation
     return rank < k.unsqueeze(-1)
+
+
+class Masks(torch.autograd.Function):
+    """Every matrix's mask m = g + (1 - g) s [..., C] and the δ channels [..., M], from CI values g [..., ΣC]
+    and a source s [..., ΣC + M] (see Decomposition.masks). The same as splitting lerp(s, 1, g), but the
+    backward writes each input's gradient in one pass: autograd's own concatenated the matrices' gradients
+    and spent five more passes over [..., ΣC] in lerp's backward (a masked pass's masks, forward and
+    backward, took 34-58 ms on a CPU thread at bench_cpu's size; 24-30 ms this way)."""
+
+    @staticmethod
+    def forward(ctx, g, source, Cs: list):
+        ctx.save_for_backward(g, source)
+        ctx.Cs, one = Cs, g.new_ones(())
+        s = source.split([*Cs, len(Cs)], -1)
+        return s[-1].contiguous(), *(torch.lerp(s_i, one, g_i) for s_i, g_i in zip(s, g.split(Cs, -1)))
+
+    @staticmethod
+    def backward(ctx, grad_d, *grad_m):
+        g, source = ctx.saved_tensors
+        sizes, n = [*ctx.Cs, len(ctx.Cs)], g.shape[-1]
+        shape = torch.broadcast_shapes(g.shape[:-1], source.shape[:-1])  # a source may be shared by all positions
+        grad_g = g.new_empty(*shape, n) if ctx.needs_input_grad[0] else None
+        grad_s = source.new_empty(*shape, source.shape[-1]) if ctx.needs_input_grad[1] else None
+        none = [None] * len(ctx.Cs)
+        for gm, g_i, s_i, out_g, out_s in zip(grad_m, g.split(ctx.Cs, -1), source.split(sizes, -1),
+                                              none if grad_g is None else grad_g.split(ctx.Cs, -1),
+                                              none if grad_s is None else grad_s.split(sizes, -1)):
+            if out_g is not None:  # ∂m/∂g = 1 - s, ∂m/∂s = 1 - g, computed as lerp's backward does (the same
+                torch.mul(gm, 1 - s_i, out=out_g)  # bits), straight into their columns: no concatenation
+            if out_s is not None:
+                torch.mul(gm, 1 - g_i, out=out_s)
+        if grad_s is not None:  # δ has the source's own shape: its gradient is not summed over positions
+            grad_s[..., n:] = 0
+            grad_s = grad_s.sum_to_size(source.shape)
+            grad_s[..., n:] = grad_d
+        return None if grad_g is None else grad_g.sum_to_size(g.shape), grad_s, None
 
 
 # -----------------------------------------------------------------------------
@@ -302,6 +342,7 @@ class Decomposition(nn.Module):
         self.ci_fn.to(self.target_device())
         self.Cs = list(Cs.values())
         self.tie = cfg.tie
+        self.recon = recon_loss  # compiled on CUDA (see train)
         for b, a in self.tie.items():
             if a not in self.comps or b not in self.comps:
                 raise ValueError(f"tie {b!r} -> {a!r}: both must be decomposed matrices, i.e. in {list(self.comps)}")
@@ -352,11 +393,27 @@ class Decomposition(nn.Module):
         m = g + (1 - g) s on the first ΣC channels; the last M channels are the matrices' δ. Where
         routed [..., M] is False a matrix gets source 1, so m = 1 and δ = 1: W itself (W = (V U)^T + Δ).
         Routed and unrouted positions thus share one computation instead of computing both outputs."""
-        if routed is not None:
-            source = torch.where(routed[..., self.matrix_of], source, 1.0)
-        s, d = source.split([ci.shape[-1], len(self.Cs)], -1)   # split, not slices: its backward is one cat
-        m = torch.lerp(s, s.new_ones(()), ci)                   # = g + (1 - g) s, one fused operation
-        return {n: (m_n, d[..., i]) for i, (n, m_n) in enumerate(self.split(m).items())}
+        if routed is not None:  # index_select: 2x faster than indexing with [..., matrix_of] on a CPU
+            source = torch.where(routed.index_select(-1, self.matrix_of), source, 1.0)
+        d, *m = Masks.apply(ci, source, self.Cs)
+        return {n: (m_n, d[..., i]) for i, (n, m_n) in enumerate(zip(self.comps, m))}
+
+    @contextmanager
+    def cast_once(self, autocast):
+        """Under autocast (bf16 on CUDA) the matrices' V, U and W in its dtype once for all the passes of a
+        training step, instead of in every pass: autocast casts the frozen W at every use and V, U once per
+        autocast region, and the step has several (its backward must run outside them). Autograd flows
+        through the one cast of each V and U. Without autocast nothing changes."""
+        kind = self.target_device().type
+        with autocast:
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        for c in self.comps.values():
+            c.cast = (c.V.to(dtype), c.U.to(dtype), c.W.to(dtype)) if dtype else None
+        try:
+            yield
+        finally:
+            for c in self.comps.values():
+                c.cast = None
 
     def deltas(self):
         with torch.autocast(self.target_device().type, enabled=False):  # Δ ≈ 0 needs fp32
@@ -443,20 +500,21 @@ def stochastic_recon_loss(dec, x, target_out, ci, cfg):
     M = len(dec.comps)
     u = torch.rand(*ci.shape[:-1], ci.shape[-1] + M, device=ci.device)
     if cfg.routing == "all":
-        return recon_loss(dec.masked(x, dec.masks(ci, u)), target_out, cfg.recon_loss)
+        return dec.recon(dec.masked(x, dec.masks(ci, u)), target_out, cfg.recon_loss)
     if cfg.routing == "uniform_k_subset":
         masks = dec.masks(ci, u, uniform_k_subset(ci.shape[:-1], M, ci.device))
-        return recon_loss(dec.masked(x, masks), target_out, cfg.recon_loss)
+        return dec.recon(dec.masked(x, masks), target_out, cfg.recon_loss)
     masks = dec.masks(ci, u)  # "layerwise"
-    every = recon_loss(dec.masked(x, masks), target_out, cfg.recon_loss)
-    each = [recon_loss(dec.masked(x, {n: masks[n]}), target_out, cfg.recon_loss) for n in masks]
+    every = dec.recon(dec.masked(x, masks), target_out, cfg.recon_loss)
+    each = [dec.recon(dec.masked(x, {n: masks[n]}), target_out, cfg.recon_loss) for n in masks]
     return every + sum(each) / len(each)
 
 
 class Adversary:
     """Persistent PGD: a source [*positions, ΣC + M] in [0, 1] (see Decomposition.masks), kept across
     training steps and moved by projected Adam *ascent* on the reconstruction loss. All matrices share
-    one tensor, so an ascent step is a handful of in-place operations however many matrices."""
+    one tensor, so an ascent step is a handful of in-place operations however many matrices (on CUDA
+    one compiled kernel: see train)."""
 
     def __init__(self, betas=(0.5, 0.99), eps=1e-8):
         self.betas, self.eps = betas, eps
@@ -477,10 +535,16 @@ class Adversary:
     def ascend(self, grad, lr: float):
         self.t += 1
         b1, b2 = self.betas
-        self.m.lerp_(grad, 1 - b1)
-        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = self.v.sqrt().div_(math.sqrt(1 - b2 ** self.t)).add_(self.eps)
-        self.sources.addcdiv_(self.m, denom, value=lr / (1 - b1 ** self.t)).clamp_(0, 1)
+        # the step size and bias correction as tensors, so that compiled code takes each step's values (made by
+        # torch.full on the device: torch.tensor would copy from the host and wait for the GPU)
+        scalars = [torch.full((), x, device=grad.device) for x in (lr / (1 - b1 ** self.t), math.sqrt(1 - b2 ** self.t))]
+        self.update(self.sources, self.m, self.v, grad, *scalars)
+
+    def update(self, sources, m, v, grad, step_size, bias2):
+        b1, b2 = self.betas
+        m.lerp_(grad, 1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        sources.addcdiv_(m * step_size, v.sqrt().div_(bias2).add_(self.eps)).clamp_(0, 1)
 
     def state_dict(self):
         return {"sources": self.sources, "m": self.m, "v": self.v, "t": self.t}
@@ -491,7 +555,7 @@ class Adversary:
 
 def adversarial_recon_loss(dec, x, target_out, ci, sources, cfg):
     routed = uniform_k_subset(ci.shape[:-1], len(dec.comps), ci.device) if cfg.adv_routing != "all" else None
-    return recon_loss(dec.masked(x, dec.masks(ci, sources, routed)), target_out, cfg.recon_loss)
+    return dec.recon(dec.masked(x, dec.masks(ci, sources, routed)), target_out, cfg.recon_loss)
 
 
 def eval_adversary(dec, x, target_out, ci, cfg, milestones, step_size=0.1):
@@ -503,7 +567,7 @@ def eval_adversary(dec, x, target_out, ci, cfg, milestones, step_size=0.1):
     found = {}
     for i in range(max(milestones) + 1):
         sources.requires_grad_()
-        loss = recon_loss(dec.masked(x, dec.masks(ci, sources)), target_out, cfg.recon_loss)
+        loss = dec.recon(dec.masked(x, dec.masks(ci, sources)), target_out, cfg.recon_loss)
         if i in milestones:
             found[i] = loss.item()
         if i == max(milestones):
@@ -610,7 +674,7 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
         torch.manual_seed(cfg.seed + 1)
         for i in range(cfg.eval_batches):
             x, y = get_batch("val", i)
-            with autocast:  # the precision training uses, so that evaluation sees training's CI
+            with autocast, dec.cast_once(autocast):  # training's precision, so that evaluation sees training's CI
                 batch, ci = evaluate_batch(dec, x, y, cfg)
             for k, v in batch.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.eval_batches
@@ -730,27 +794,28 @@ def load_decomposition_state(dec, ckpt: dict):
 def training_losses(dec, x, adversary, cfg, p, adv_lr, autocast=nullcontext()):
     """Steps 1-4 of a VPD training step (METHOD.md §5) on a batch x. Returns the loss terms and the
     adversary's sources of this step (leaves whose .grad the main backward fills, for step 8)."""
-    # 1-2: the target, caching each decomposed matrix's input, then the causal importances
-    with autocast:
-        with torch.no_grad():
-            target_out = dec(x)
-        ci_lower, ci_upper = dec.causal_importance()                      # [..., ΣC]
-    # 3: the persistent adversary's inner ascent steps (gradients w.r.t. the sources only)
-    sources, shape = None, (*ci_lower.shape[:-1], ci_lower.shape[-1] + len(dec.comps))
-    if cfg.adv_coeff:
-        for _ in range(cfg.adv_steps):
-            sources = adversary.leaves(shape, ci_lower.device)
-            with autocast:
-                loss = adversarial_recon_loss(dec, x, target_out, ci_lower.detach(), sources, cfg)
-            adversary.ascend(torch.autograd.grad(loss, [sources])[0], adv_lr)
-        sources = adversary.leaves(shape, ci_lower.device)
-    # 4: the losses
-    losses = {"faith": faithfulness_loss(dec.deltas()), "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
-    with autocast:
-        if cfg.stoch_coeff:
-            losses["stoch"] = stochastic_recon_loss(dec, x, target_out, ci_lower, cfg)
+    with dec.cast_once(autocast):  # V, U, W in bf16 once for all the passes below
+        # 1-2: the target, caching each decomposed matrix's input, then the causal importances
+        with autocast:
+            with torch.no_grad():
+                target_out = dec(x)
+            ci_lower, ci_upper = dec.causal_importance()                      # [..., ΣC]
+        # 3: the persistent adversary's inner ascent steps (gradients w.r.t. the sources only)
+        sources, shape = None, (*ci_lower.shape[:-1], ci_lower.shape[-1] + len(dec.comps))
         if cfg.adv_coeff:
-            losses["adv"] = adversarial_recon_loss(dec, x, target_out, ci_lower, sources, cfg)
+            for _ in range(cfg.adv_steps):
+                sources = adversary.leaves(shape, ci_lower.device)
+                with autocast:
+                    loss = adversarial_recon_loss(dec, x, target_out, ci_lower.detach(), sources, cfg)
+                adversary.ascend(torch.autograd.grad(loss, [sources])[0], adv_lr)
+            sources = adversary.leaves(shape, ci_lower.device)
+        # 4: the losses
+        losses = {"faith": faithfulness_loss(dec.deltas()), "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
+        with autocast:
+            if cfg.stoch_coeff:
+                losses["stoch"] = stochastic_recon_loss(dec, x, target_out, ci_lower, cfg)
+            if cfg.adv_coeff:
+                losses["adv"] = adversarial_recon_loss(dec, x, target_out, ci_lower, sources, cfg)
     return losses, sources
 
 
@@ -799,8 +864,14 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
                 else nullcontext())
     if cfg.compile:  # the CI function with both sigmoids, fused; modules untouched: state-dict keys stay the same
         dec.causal_importance = torch.compile(dec.causal_importance)
+        if device.type == "cuda":  # a few fused kernels instead of a pass per operation over [B, T, vocab] (the
+            dec.recon = torch.compile(recon_loss, dynamic=True)  # logits' fp32 cast, log-softmaxes, KL) and
+            adversary.update = torch.compile(adversary.update)   # [B, T, ΣC + M] (Adam); no gain on a CPU
     plan = memory_plan(dec, cfg, get_batch("train", 0)[0], autocast)
     check_memory(plan, device, cfg, verbose=master)
+    flops, peak = step_flops(dec, cfg, get_batch("train", 0)[0], autocast), peak_tflops(cfg, device)
+    if master:
+        print(f"one training step: {flops / 1e9:.1f} GFLOP per process" + (f"; peak {peak} TFLOP/s" if peak else ""))
     if cfg.eval_interval > 0:
         get_batch("val", 0)  # a missing validation split fails now, not after eval_interval steps
 
@@ -896,10 +967,11 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         dec.tie_weights()
         # 8: the adversary's outer step, with the gradient the main backward left on the sources
         if cfg.adv_coeff:
-            adversary.ascend(sources.grad / cfg.adv_coeff, adv_lr)
+            adversary.ascend(sources.grad.div_(cfg.adv_coeff), adv_lr)
             sources = None  # its gradient [*positions, ΣC + M] would live on through the next step's losses
 
-        n_tok += dec.n_positions() * world_size()
+        positions = dec.n_positions() * world_size()
+        n_tok += positions
         done = step + 1
         log_now = done == cfg.steps or (cfg.log_interval > 0 and done % cfg.log_interval == 0)
         eval_now = cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.steps)
@@ -909,9 +981,10 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t_last
             values = mean_over_processes(torch.stack([v.detach().float() for v in losses.values()] + [total.detach()]))
+            tflops = flops * (done - step_last) / dt / 1e12  # per process
             record = {"step": done, **dict(zip([*losses, "total"], values.tolist())), "p": p, "lr": lr,
                       "ms_per_step": 1000 * dt / (done - step_last), "tokens_per_s": n_tok / dt,
-                      "peak_mem_gb": peak_memory_gb(device)}
+                      "tflops": tflops, **({"mfu": tflops / peak} if peak else {}), "peak_mem_gb": peak_memory_gb(device)}
             step_ms.append(record["ms_per_step"])
             log(record)
             if master:
@@ -927,8 +1000,12 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         if log_now or eval_now or ckpt_now:  # the timer measures training steps only
             t_last, step_last, n_tok = time.perf_counter(), done, 0
     if master and len(step_ms) > 1:
-        print(f"median ms/step {sorted(step_ms[1:])[len(step_ms[1:]) // 2]:.1f} over {len(step_ms) - 1} logged "
-              f"intervals (the first, with warm-up and compilation, left out)")
+        ms = sorted(step_ms[1:])[len(step_ms[1:]) // 2]
+        tflops = flops / ms / 1e9
+        print(f"median ms/step {ms:.1f} over {len(step_ms) - 1} logged intervals (the first, with warm-up and "
+              f"compilation, left out): {positions / ms * 1000:.0f} tokens/s, "
+              + (f"{tflops:.1f} TFLOP/s, MFU {tflops / peak:.1%} of {peak} TFLOP/s" if peak else
+                 f"{1000 * tflops:.1f} GFLOP/s per process"))
     if master and truth is not None:
         save_figures(dec, truth, cfg.out_dir)
     return metrics
@@ -967,23 +1044,30 @@ def activation_bytes(dec, cfg, x, autocast=nullcontext()) -> int:
     return sum(n for ptr, n in saved.items() if ptr not in params)
 
 
+def first_samples(x, n: int):
+    """The first n samples (sequences) of a batch: a tensor, or a dict of keyword inputs [B, ...]."""
+    return x[:n] if torch.is_tensor(x) else {k: v[:n] for k, v in x.items()}
+
+
+def n_samples(x) -> int:
+    return len(x) if torch.is_tensor(x) else len(next(iter(x.values())))
+
+
 def memory_plan(dec, cfg, x, autocast=nullcontext()) -> dict:
     """Bytes one process needs for training, by item, printed at the start so that a run that cannot fit
     stops before it begins. Activations: measured on the first one and two samples (sequences) of the
     batch and extrapolated linearly to the whole batch, so that any target and CI function is covered
     (on CUDA with the backward's transient gradients, elsewhere without: see activation_bytes)."""
-    batch = x if torch.is_tensor(x) else next(iter(x.values()))  # keyword inputs: a dict of [B, ...] tensors
-    rows = lambda n: x[:n] if torch.is_tensor(x) else {k: v[:n] for k, v in x.items()}
-    one = activation_bytes(dec, cfg, rows(1), autocast)
-    pos = dec.n_positions() * len(batch)  # per process
-    two = activation_bytes(dec, cfg, rows(2), autocast)
+    one = activation_bytes(dec, cfg, first_samples(x, 1), autocast)
+    pos = dec.n_positions() * n_samples(x)  # per process
+    two = activation_bytes(dec, cfg, first_samples(x, 2), autocast)
     trainable = sum(p.numel() for p in dec.parameters() if p.requires_grad)
     plan = {
         "target weights": sum(p.numel() * p.element_size() for p in dec.target.parameters() if not p.requires_grad),
         "V, U, CI function": 4 * trainable,
         "gradients and AdamW moments": 12 * trainable,
         "adversary sources and moments": 12 * pos * (sum(dec.Cs) + len(dec.Cs)) if cfg.adv_coeff else 0,
-        "activations": one + (two - one) * (len(batch) - 1),
+        "activations": one + (two - one) * (n_samples(x) - 1),
     }
     if world_size() > 1:
         plan["gradient all-reduce buffer"] = 4 * trainable  # the flat copy sync_gradients reduces
@@ -1013,6 +1097,37 @@ def check_memory(plan: dict, device, cfg: Config, verbose=True):
         raise SystemExit(f"this run needs about {plan['total'] / 2**30:.1f} GiB per process, more than 90% of the "
                          f"{free / 2**30:.1f} GiB free: lower batch_size (per process) to about {max(fits, 0)}, spread "
                          f"the batch over more GPUs with torchrun{bf16} (--memory_check=False runs anyway)")
+
+
+def step_flops(dec, cfg, x, autocast=nullcontext()) -> int:
+    """FLOPs of one training step on batch x per process, as MFU counts them (matmuls and attention: the
+    losses, the adversary's inner steps, the backward), counted with FlopCounterMode on the first one and
+    two samples and extrapolated linearly (Δ's V U in the faithfulness loss does not grow with the batch)."""
+    def count(xb):
+        device = dec.target_device()
+        with (torch.random.fork_rng([device] if device.type == "cuda" else []), torch.compiler.set_stance("force_eager"),
+              FlopCounterMode(display=False) as counter):
+            losses, _ = training_losses(dec, xb, Adversary(), cfg, cfg.p_start, 0.0, autocast)
+            sum(losses.values()).backward()
+        dec.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+    one, two = count(first_samples(x, 1)), count(first_samples(x, 2))
+    return one + (two - one) * (n_samples(x) - 1)
+
+
+# dense peak TFLOP/s (bf16 tensor cores, fp32) of common GPUs by name; the first match counts
+PEAK_TFLOPS = [("H100 PCIe", 756, 51), ("H100 NVL", 835, 60), ("H200 NVL", 835, 60), ("H100", 989, 67),
+               ("H200", 989, 67), ("A100", 312, 19.5), ("L40S", 362, 91.6), ("L40", 181, 90.5), ("L4", 121, 30.3),
+               ("RTX 4090", 165, 82.6), ("RTX 3090", 71, 35.6)]
+
+
+def peak_tflops(cfg, device) -> float:
+    """The peak that MFU divides by: cfg.peak_tflops, else the GPU's from PEAK_TFLOPS in the run's precision;
+    0 when unknown (CPUs), and the log then shows only the achieved TFLOP/s."""
+    if cfg.peak_tflops or device.type != "cuda":
+        return cfg.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((bf16 if cfg.dtype == "bfloat16" else fp32 for key, bf16, fp32 in PEAK_TFLOPS if key in name), 0.0)
 
 
 def peak_memory_gb(device):
