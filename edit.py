@@ -164,16 +164,10 @@ def bake(edit: nn.Module, model: nn.Module) -> nn.Module:
     return baked
 
 
-def save_model(model: nn.Module, path: str):
-    """Atomically, as a plain state dict (torch.load(path, weights_only=True) reads it)."""
-    torch.save(model.state_dict(), path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def load_decomposition(path: str, device="cpu"):
     """A vpd.py checkpoint -> (the plain target, its Decomposition on a copy of it, the target's config).
     The plain target is what edits are applied to and saved from; the decomposition gives CI."""
-    ckpt = vpd.load_checkpoint(path)
+    ckpt = vpd.load_checkpoint(path, keys=("config", "components", "target", "ci_fn"))  # no optimizer needed
     known = {f.name for f in dataclasses.fields(models.TargetConfig)}
     tcfg = models.TargetConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
     target = models.build_model(tcfg)
@@ -182,7 +176,7 @@ def load_decomposition(path: str, device="cpu"):
     known = {f.name for f in dataclasses.fields(vpd.Config)}
     cfg = vpd.Config(**{k: v for k, v in ckpt["config"].items() if k in known})
     dec = vpd.Decomposition(copy.deepcopy(target), cfg)
-    vpd.load_decomposition_state(dec, ckpt)
+    vpd.load_decomposition_state(dec, ckpt, path)
     dec.to(device).eval()
     components = {n: {"V": c.V.detach(), "U": c.U.detach()} for n, c in dec.comps.items()}
     return target, dec, components, tcfg, ckpt["config"]
@@ -316,7 +310,7 @@ def ce_by_language(model, texts: dict, edit=None, batch=32) -> dict:
     out = {}
     with applied(edit, model) if edit is not None else nullcontext():
         for lang, w in texts.items():
-            total = sum(F.cross_entropy(model(c[:, :-1]).float().flatten(0, 1), c[:, 1:].flatten(),
+            total = sum(F.cross_entropy(vpd.output_logits(model(c[:, :-1])).float().flatten(0, 1), c[:, 1:].flatten(),
                                         reduction="sum").item() for c in w.split(batch))
             out[lang] = total / w[:, 1:].numel()
     return out
@@ -361,7 +355,7 @@ def train_edit(model, edit, x_remove, y_remove, keep, lr, lam, chance, cfg: Edit
     for step in range(cfg.steps):
         i = torch.arange(step * cfg.keep_batch, (step + 1) * cfg.keep_batch) % len(keep_x)
         with applied(edit, model):
-            logits = model(torch.cat([x_remove, keep_x[i]]))          # one forward for both languages
+            logits = vpd.output_logits(model(torch.cat([x_remove, keep_x[i]])))  # one forward, both languages
         loss, _, _ = edit_objective(logits[:len(x_remove)], y_remove, logits[len(x_remove):], keep_logits[i], lam, chance)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -387,13 +381,15 @@ class Editing:
             cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.cfg = cfg
         self.target, self.dec, self.components, self.tcfg, self.run_config = load_decomposition(cfg.ckpt, cfg.device)
-        if self.tcfg.model != "llama_simple_mlp":
+        if self.tcfg.model != "llama_simple_mlp" and not self.tcfg.model.startswith("hf:"):
             raise ValueError(f"{cfg.ckpt} decomposes a {self.tcfg.model!r} model; task 'language' edits a language "
                              "model (task='tms' edits TMS)")
         for lang in (cfg.remove, cfg.keep):
             if lang not in cfg.languages:
                 raise ValueError(f"{lang!r} must be one of languages={cfg.languages}")
-        self.vocab = self.target.lm_head.weight.shape[0]
+        with torch.no_grad():  # the output vocabulary: what the logits span (an HF model's padded rows included)
+            one_token = torch.zeros(1, 1, dtype=torch.long, device=cfg.device)
+            self.vocab = vpd.output_logits(self.target(one_token)).shape[-1]
         self.chance = math.log(self.vocab)  # the uniform distribution's CE
         T, device = cfg.seq_len, cfg.device
         text = {lang: load_language(cfg, lang) for lang in cfg.languages}
@@ -404,7 +400,7 @@ class Editing:
         self.train = text[cfg.remove]["train"]
         keep = windows(text[cfg.keep]["train"], cfg.keep_windows, T, torch.Generator().manual_seed(0))[:, :-1].to(device)
         with torch.no_grad():
-            self.keep = (keep, self.target(keep))                       # what the KL holds the edits to
+            self.keep = (keep, vpd.output_logits(self.target(keep)))    # what the KL holds the edits to
         self.val = {lang: windows(text[lang]["val"], cfg.analysis_windows, T).to(device) for lang in cfg.languages}
         self.dev = {lang: windows(text[lang]["dev"], cfg.eval_windows, T).to(device) for lang in (cfg.remove, cfg.keep)}
         self.test = {lang: windows(text[lang]["test"], cfg.eval_windows, T).to(device) for lang in cfg.languages}
@@ -481,7 +477,9 @@ class Editing:
         if isinstance(best["edit"], ScalarEdit):
             row["prefactors"] = best["edit"].prefactors()
         if n == cfg.save_budget and seed == 0:
-            save_model(bake(best["edit"], self.target), os.path.join(cfg.out_dir, f"edited_{method}.pt"))
+            # a plain state dict, written atomically: torch.load(path, weights_only=True) into the model class
+            path = os.path.join(cfg.out_dir, f"edited_{method}.pt")
+            vpd.save_checkpoint(path, bake(best["edit"], self.target).state_dict())
         return row
 
     def cost(self, analysis) -> dict:
@@ -654,7 +652,7 @@ def continuations(cfg: EditConfig, ed: Editing, decode, n_prompts=2, prompt_len=
         return []
     edited = models.build_model(ed.tcfg)
     edited.load_state_dict(torch.load(path, weights_only=True))
-    edited.eval()
+    edited.to(cfg.device).eval()
     lines = ["", f"## Greedy continuations, before → after the one-scalar edit (n = {cfg.save_budget}, seed 0)", ""]
     for lang in (cfg.remove, cfg.keep):
         for w in ed.test[lang][:n_prompts]:
@@ -662,7 +660,7 @@ def continuations(cfg: EditConfig, ed: Editing, decode, n_prompts=2, prompt_len=
             for model in (ed.target, edited):
                 x = w[:prompt_len][None]
                 for _ in range(new):
-                    x = torch.cat([x, model(x)[:, -1:].argmax(-1)], 1)
+                    x = torch.cat([x, vpd.output_logits(model(x))[:, -1:].argmax(-1)], 1)
                 outs.append(decode(x[0, prompt_len:].tolist()))
             lines.append(f"- {lang}: `{decode(w[:prompt_len].tolist())}` → `{outs[0]}` | `{outs[1]}`")
     return lines

@@ -1,16 +1,14 @@
 """
-models.py: the targets that vpd.py decomposes, their data, and their training.
+models.py: the targets that vpd.py decomposes, their data, and their training. It imports nothing of
+vpd.py: vpd.py trains a target here when its state dict is missing (train_target), then decomposes it.
 
-    python models.py configs/tms_5_2.py          # train and save the TMS 5-2 target
-    python models.py configs/fortunes_target.py  # train the small offline language model
-
-Toy models (METHOD.md §7), whose correct decomposition is known:
+Toy models, whose correct decomposition is known:
 - TMS n-m, the toy model of superposition: x̂ = ReLU(W^T W x + b), tied weights, optionally with a
   frozen identity layer between the two matrices;
 - the residual MLP ("compressed computation"): 100 sparse features embedded in a 1000-dim residual
   stream, 1-3 residual ReLU MLPs trained to add ReLU(x) to it.
 
-Language models (METHOD.md §8): LlamaSimpleMLP, with Goodfire's module paths so that their pretrained
+Language models: LlamaSimpleMLP (the VPD paper's 4-layer Pile model), with Goodfire's module paths so that their pretrained
 state dicts load with strict=True, or any Hugging Face causal LM (`model = "hf:EleutherAI/pythia-14m"`);
 token data from random tokens, uint16 memmaps made by data/*/prepare.py, or a Hugging Face dataset with
 an `input_ids` column, streamed and sharded by rank.
@@ -20,7 +18,6 @@ import itertools
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,8 +26,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-
-from vpd import rope
 
 
 @dataclass
@@ -115,7 +110,18 @@ class ResidualMLP(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Language model: LlamaSimpleMLP (METHOD.md §8). Module paths match Goodfire's checkpoints.
+# Language model: LlamaSimpleMLP, the VPD paper's Pile model. Module paths match Goodfire's checkpoints.
+
+def rope(x, base=10000.0):
+    """Rotary position embedding over the whole head, half-split pairs (i, i + D/2), as Goodfire's
+    checkpoints were trained with. x [B, H, T, D]."""
+    T, D = x.shape[-2:]
+    freqs = base ** (-torch.arange(D // 2, device=x.device, dtype=torch.float32) / (D // 2))
+    angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freqs  # [T, D/2]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).type_as(x)
+
 
 class Attention(nn.Module):
     def __init__(self, d_model, n_heads):
@@ -251,6 +257,9 @@ def token_batches(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", 
 
 
 def build_model(tcfg: TargetConfig) -> nn.Module:
+    """The target's architecture, freshly initialised (a Hugging Face model: with its pretrained weights)."""
+    if tcfg.model.startswith("hf:"):
+        return hf_causal_lm(tcfg.model.removeprefix("hf:"))
     if tcfg.model == "tms":
         return TMS(tcfg.n_features, tcfg.n_hidden, tcfg.identity_layer, tcfg.zero_bias)
     if tcfg.model == "resid_mlp":
@@ -289,7 +298,7 @@ def toy_label(tcfg: TargetConfig, x):
 
 
 def toy_truth(tcfg: TargetConfig, model: nn.Module, device) -> dict:
-    """What a correct decomposition finds (METHOD.md §7): probes 0.75·e_i for every feature, the
+    """What a correct decomposition finds: probes 0.75·e_i for every feature, the
     expected CI pattern of each matrix, and for TMS the feature vectors (columns of linear1)."""
     probes = 0.75 * torch.eye(tcfg.n_features, device=device)
     if tcfg.model == "tms":
@@ -359,7 +368,8 @@ def train_target(tcfg: TargetConfig, path: str, device="cpu", dtype="float32", c
     if lm and tcfg.target_steps:
         with torch.no_grad():
             val = sum(loss_of(*get_batch("val", i)).item() for i in range(10)) / 10
-        print(f"target validation cross-entropy {val:.4f} nats (10 batches)")
+        print(f"target trained: cross-entropy {val:.4f} nats on 10 validation batches of {tcfg.target_batch_size} "
+              f"(the decomposition's evaluation reports its own, ce/target, on eval_batches x batch_size)")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(model.state_dict(), path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -422,12 +432,12 @@ def build(tcfg: TargetConfig, cfg):
     if path.startswith("wandb:"):
         path = download_wandb_target(path)
     if hf:  # its weights are the Hub's (or the directory's), never target_path
-        model = hf_causal_lm(tcfg.model.removeprefix("hf:")).to(device)
+        model = build_model(tcfg).to(device)
         tcfg.vocab_size = model.config.vocab_size  # random tokens and memmap checks: the model's (padded) vocabulary
     elif not os.path.exists(path):
         if not tcfg.train_target:
             raise SystemExit(f"target {path} not found (train_target=False: this config decomposes a given target)")
-        print(f"target {path} not found: training it first (python models.py with this config does the same)")
+        print(f"target {path} not found: training it first")
         train_target(tcfg, path, device, cfg.dtype, cfg.compile)
     if dist.is_initialized() and not waits:
         dist.barrier()
@@ -443,11 +453,3 @@ def build(tcfg: TargetConfig, cfg):
         return model, token_batches(tcfg, cfg.batch_size, cfg.seed, device, rank, world), None
     return model, sparse_features(tcfg, cfg.batch_size, cfg.seed, device, rank), toy_truth(tcfg, model, device)
 
-
-if __name__ == "__main__":
-    import vpd
-    argv = sys.argv[1:]
-    cfg, tcfg = vpd.configure(argv, vpd.Config(), TargetConfig())
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
-    compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
-    train_target(tcfg, tcfg.target_path or os.path.join(cfg.out_dir, "target.pt"), device, cfg.dtype, compile)

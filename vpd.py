@@ -1,20 +1,29 @@
 """
 vpd.py: adversarial Parameter Decomposition (VPD) in one file.
 
-Every decomposed weight matrix W [d_out, d_in] of a frozen target network is rewritten as C rank-1
-subcomponents plus a remainder, W = (V U)^T + Δ. A learned causal-importance (CI) function says, at
-every input position, which subcomponents the target needs there. Training keeps the model faithful
-when the unneeded ones are ablated, at random (stochastic loss) or by an adversary (adversarial loss),
-while needing as few as possible (importance minimality).
-
-Sections follow the method (shared/METHOD.md): config, §1-2 components and the masked forward,
-§3 causal importance, §4 losses and the adversary, §6 metrics, §5 training, then the entry point.
+Every chosen weight matrix W [d_out, d_in] of a frozen target network is rewritten as C rank-1
+subcomponents plus a remainder, W = (V U)^T + Δ. A learned causal-importance (CI) function says, at every
+input position, which subcomponents the target needs there. Training keeps the model faithful when the
+unneeded ones are ablated, at random (stochastic loss) or by an adversary (adversarial loss), while
+needing as few as possible (importance minimality).
 
     python vpd.py                                   # TMS 5-2: trains the toy target, then decomposes it
     python vpd.py configs/resid_mlp1.py --steps=5000
     python vpd.py configs/tms_5_2.py --init_from=resume
     python vpd.py configs/fortunes.py               # a small language model, offline on a CPU
     torchrun --standalone --nproc_per_node=8 vpd.py configs/pile4l.py   # the paper's Pile-4L run
+
+Sections, in the order of the method:
+    Config         every knob
+    §1-2           components, masks and the masked forward
+    §3             causal importance: the two leaky sigmoids, the CI functions, the Decomposition
+    §4             losses: faithfulness, importance minimality, stochastic and adversarial reconstruction
+    §5             one training step, and train()
+    §6             metrics: L0, alive, CE and KL under masks, the evaluation adversary, toy ground truth
+    Appendix       plumbing: A data parallelism, B checkpoints and resume, C memory plan and FLOPs,
+                   D figures, E configurator and entry point
+Left out on purpose: gradient accumulation, weight tying beyond transposed pairs, decomposing embeddings,
+W&B logging (metrics.jsonl instead), mixed-precision other than bf16 autocast, and SPD's shared-MLP CI.
 """
 import ast
 import dataclasses
@@ -36,6 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
+
+import models
 
 
 # -----------------------------------------------------------------------------
@@ -109,7 +120,7 @@ def check_choices(cfg: Config):
 
 
 # -----------------------------------------------------------------------------
-# §1-2 Components and the masked forward
+# §1-2 Components, masks and the masked forward
 
 def is_conv1d(module) -> bool:
     """transformers' Conv1D (GPT-2's projections): an nn.Linear whose weight is stored transposed,
@@ -119,16 +130,22 @@ def is_conv1d(module) -> bool:
 
 class Components(nn.Module):
     """A target nn.Linear or Conv1D (weight W [d_out, d_in], frozen) rewritten as C rank-1 subcomponents
-    and a remainder: W = (V U)^T + Δ. Subcomponent c's weight is (V[:, c] ⊗ U[c, :])^T."""
+    and a remainder: W = (V U)^T + Δ, V [d_in, C] reading, U [C, d_out] writing; subcomponent c's weight
+    is (V[:, c] ⊗ U[c, :])^T. With per-position masks m [..., C] and δ [...], the masked matrix computes
+
+        out = Σ_c m_c (x · V[:, c]) U[c, :] + δ Δx + bias
+
+    (m = 1, δ = 1: the target itself). The forward writes Δx = Wx - (V U)^T x out, so Δ is never built
+    here: ((x V) ⊙ (m - δ)) U + δ Wx, the same function of V and U, without the [d_out, d_in] gradient of
+    Δ in every masked pass. Δ is built once per step, in fp32, for the faithfulness loss only."""
 
     def __init__(self, linear: nn.Module, C: int):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias  # the target's own tensors (state-dict keys kept)
         self.transposed = is_conv1d(linear)
         d_out, d_in = self.W.shape
-        device = self.weight.device
-        self.V = nn.Parameter(torch.randn(d_in, C, device=device) / math.sqrt(d_in))  # read directions
-        self.U = nn.Parameter(torch.randn(C, d_out, device=device) / math.sqrt(C))    # write directions
+        self.V = nn.Parameter(torch.randn(d_in, C, device=self.weight.device) / math.sqrt(d_in))
+        self.U = nn.Parameter(torch.randn(C, d_out, device=self.weight.device) / math.sqrt(C))
         self.mask = None   # None: the target's weight; else (m [..., C], δ [...])
         self.input = None  # input of the last forward through the target's weight: what CI reads
         self.cast = None   # (V, U, W) in autocast's dtype, made once per training step (Decomposition.cast_once)
@@ -145,34 +162,42 @@ class Components(nn.Module):
         if self.mask is None:
             self.input = x
             return F.linear(x, W, self.bias)
-        # Σ_c m_c (x·V_c) U_c + δ Δx, with Δx = Wx - (V U)^T x written out: Δ is never built here, and
-        # m = δ = 1 gives Wx exactly (that is how unrouted positions get the target's own output)
         m, d = self.mask
-        d = d.unsqueeze(-1)                                                                  # [..., 1]
-        out = torch.addcmul(((x @ V) * (m - d)) @ U, d, F.linear(x, W))
+        d = d.unsqueeze(-1)                                                         # [..., 1]
+        out = torch.addcmul(((x @ V) * (m - d)) @ U, d, F.linear(x, W))             # [..., d_out]
         return out if self.bias is None else out + self.bias
 
 
-def install_components(model: nn.Module, modules: dict) -> dict:
-    """Freeze `model` (no gradients; eval mode, so no dropout) and replace each nn.Linear or Conv1D matched
-    by a pattern of `modules` ({"h.*.mlp.c_fc": 3072}) with Components. A fused matrix (GPT-2's c_attn,
-    GPT-NeoX's query_key_value) is one matrix: decomposed whole. Returns {path: Components} in sorted path
-    order, the order used everywhere."""
-    model.requires_grad_(False).eval()
+def find_matrices(model: nn.Module, modules: dict) -> dict:
+    """{path: module} of the nn.Linear and Conv1D modules that the patterns of `modules` match
+    ({"h.*.mlp.c_fc": 3072}), checked: every pattern matches, no path twice, every C a positive int."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
-    comps = {}
+    found = {}
     for pattern, C in modules.items():
+        if type(C) is not int or C <= 0:
+            raise ValueError(f"modules[{pattern!r}] = {C!r}: the number of subcomponents must be a positive int")
         matched = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
             near = difflib.get_close_matches(pattern, list(linears), n=3, cutoff=0.3)
             raise ValueError(f"module pattern {pattern!r} matches no nn.Linear or Conv1D of the target; "
                              f"closest such paths: {near or sorted(linears)[:5]}")
         for path in matched:
-            if path in comps:
+            if path in found:
                 raise ValueError(f"module {path!r} is matched by two patterns of `modules`")
-            comps[path] = Components(linears[path], C)
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent), name, comps[path])
+            found[path] = (linears[path], C)
+    return found
+
+
+def install_components(model: nn.Module, modules: dict) -> dict:
+    """Freeze `model` (no gradients; eval mode, so no dropout) and replace each matrix `modules` names
+    with Components. A fused matrix (GPT-2's c_attn, GPT-NeoX's query_key_value) is decomposed whole.
+    Returns {path: Components} in sorted path order, the order used everywhere."""
+    model.requires_grad_(False).eval()
+    comps = {}
+    for path, (linear, C) in find_matrices(model, modules).items():
+        comps[path] = Components(linear, C)
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, comps[path])
     return dict(sorted(comps.items()))
 
 
@@ -182,42 +207,6 @@ def uniform_k_subset(pos_shape, M: int, device) -> torch.Tensor:
     k = torch.randint(1, M + 1, pos_shape, device=device)
     rank = torch.rand(*pos_shape, M, device=device).argsort(-1).argsort(-1)  # a random permutation
     return rank < k.unsqueeze(-1)
-
-
-class Masks(torch.autograd.Function):
-    """Every matrix's mask m = g + (1 - g) s [..., C] and the δ channels [..., M], from CI values g [..., ΣC]
-    and a source s [..., ΣC + M] (see Decomposition.masks). The same as splitting lerp(s, 1, g), but the
-    backward writes each input's gradient in one pass: autograd's own concatenated the matrices' gradients
-    and spent five more passes over [..., ΣC] in lerp's backward (a masked pass's masks, forward and
-    backward, took 34-58 ms on a CPU thread at bench_cpu's size; 24-30 ms this way)."""
-
-    @staticmethod
-    def forward(ctx, g, source, Cs: list):
-        ctx.save_for_backward(g, source)
-        ctx.Cs, one = Cs, g.new_ones(())
-        s = source.split([*Cs, len(Cs)], -1)
-        return s[-1].contiguous(), *(torch.lerp(s_i, one, g_i) for s_i, g_i in zip(s, g.split(Cs, -1)))
-
-    @staticmethod
-    def backward(ctx, grad_d, *grad_m):
-        g, source = ctx.saved_tensors
-        sizes, n = [*ctx.Cs, len(ctx.Cs)], g.shape[-1]
-        shape = torch.broadcast_shapes(g.shape[:-1], source.shape[:-1])  # a source may be shared by all positions
-        grad_g = g.new_empty(*shape, n) if ctx.needs_input_grad[0] else None
-        grad_s = source.new_empty(*shape, source.shape[-1]) if ctx.needs_input_grad[1] else None
-        none = [None] * len(ctx.Cs)
-        for gm, g_i, s_i, out_g, out_s in zip(grad_m, g.split(ctx.Cs, -1), source.split(sizes, -1),
-                                              none if grad_g is None else grad_g.split(ctx.Cs, -1),
-                                              none if grad_s is None else grad_s.split(sizes, -1)):
-            if out_g is not None:  # ∂m/∂g = 1 - s, ∂m/∂s = 1 - g, computed as lerp's backward does (the same
-                torch.mul(gm, 1 - s_i, out=out_g)  # bits), straight into their columns: no concatenation
-            if out_s is not None:
-                torch.mul(gm, 1 - g_i, out=out_s)
-        if grad_s is not None:  # δ has the source's own shape: its gradient is not summed over positions
-            grad_s[..., n:] = 0
-            grad_s = grad_s.sum_to_size(source.shape)
-            grad_s[..., n:] = grad_d
-        return None if grad_g is None else grad_g.sum_to_size(g.shape), grad_s, None
 
 
 # -----------------------------------------------------------------------------
@@ -271,21 +260,20 @@ class SubcomponentMLPs(nn.Module):
 
 
 def rope(x, base=10000.0):
-    """Rotary position embedding over the whole head, half-split pairs (i, i + D/2). x [B, H, T, D]."""
+    """Rotary position embedding, half-split pairs (i, i + D/2). x [B, H, T, D]."""
     T, D = x.shape[-2:]
     freqs = base ** (-torch.arange(D // 2, device=x.device, dtype=torch.float32) / (D // 2))
     angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freqs  # [T, D/2]
-    cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.float().chunk(2, -1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).type_as(x)
+    return torch.cat([x1 * angles.cos() - x2 * angles.sin(), x2 * angles.cos() + x1 * angles.sin()], -1).type_as(x)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with RoPE attention and a GELU MLP. causal=False sees all positions."""
+    """Pre-norm bidirectional transformer block: RoPE attention over all positions, then a GELU MLP."""
 
-    def __init__(self, d: int, n_heads: int, d_mlp: int, causal: bool = False):
+    def __init__(self, d: int, n_heads: int, d_mlp: int):
         super().__init__()
-        self.n_heads, self.causal = n_heads, causal
+        self.n_heads = n_heads
         self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.proj = nn.Linear(d, d, bias=False)
@@ -294,7 +282,7 @@ class Block(nn.Module):
     def forward(self, x):  # [B, T, d]
         B, T, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=self.causal)  # [B, H, T, D]
+        y = F.scaled_dot_product_attention(rope(q), rope(k), v)                    # [B, H, T, D]
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))
         return x + self.mlp(self.norm2(x))
 
@@ -323,10 +311,18 @@ class CITransformer(nn.Module):
         return z[:, 0] if flat else z
 
 
+def output_logits(out):
+    """What a target returns, as the tensor the reconstruction losses compare: a Hugging Face
+    ModelOutput's .logits, a tuple's first element, or the tensor itself."""
+    if hasattr(out, "logits"):
+        return out.logits
+    return out[0] if isinstance(out, tuple) else out
+
+
 class Decomposition(nn.Module):
-    """A frozen target with components on the matched nn.Linear (or Conv1D) modules, and the CI function.
-    `dec(x)` runs the target (caching each matrix's input); `dec.masked(x, masks)` runs it with
-    masks {path: (m [..., C], δ [...])}; matrices absent from `masks` use their original weight."""
+    """A frozen target with components on the matched matrices, and the CI function. `dec(x)` runs the
+    target (caching each matrix's input; x a tensor or a dict of keyword inputs); `dec.masked(x, masks)`
+    runs it with masks {path: (m [..., C], δ [...])}; matrices absent from `masks` use their own weight."""
 
     def __init__(self, target: nn.Module, cfg: Config):
         super().__init__()
@@ -340,9 +336,8 @@ class Decomposition(nn.Module):
             d_ins = {n: c.V.shape[0] for n, c in self.comps.items()}
             self.ci_fn = CITransformer(d_ins, Cs, cfg.ci_d_model, cfg.ci_n_blocks, cfg.ci_n_heads, cfg.ci_d_mlp)
         self.ci_fn.to(self.target_device())
-        self.Cs = list(Cs.values())
-        self.tie = cfg.tie
-        self.recon = recon_loss  # compiled on CUDA (see train)
+        self.Cs, self.tie = list(Cs.values()), cfg.tie
+        self.recon = recon_loss  # compiled on CUDA (see compile_hot_paths)
         for b, a in self.tie.items():
             if a not in self.comps or b not in self.comps:
                 raise ValueError(f"tie {b!r} -> {a!r}: both must be decomposed matrices, i.e. in {list(self.comps)}")
@@ -366,12 +361,7 @@ class Decomposition(nn.Module):
         return next(iter(self.comps.values())).weight.device
 
     def forward(self, x):
-        """The target's output on x, a tensor or a dict of keyword inputs (input_ids, attention_mask). Of a
-        model that returns a tuple, its first element; of a Hugging Face ModelOutput, its .logits."""
-        out = self.target(**x) if isinstance(x, dict) else self.target(x)
-        if hasattr(out, "logits"):
-            return out.logits
-        return out[0] if isinstance(out, tuple) else out
+        return output_logits(self.target(**x) if isinstance(x, dict) else self.target(x))
 
     def n_positions(self) -> int:
         """Positions (tokens, or toy samples) in the last target forward."""
@@ -395,15 +385,15 @@ class Decomposition(nn.Module):
         Routed and unrouted positions thus share one computation instead of computing both outputs."""
         if routed is not None:  # index_select: 2x faster than indexing with [..., matrix_of] on a CPU
             source = torch.where(routed.index_select(-1, self.matrix_of), source, 1.0)
-        d, *m = Masks.apply(ci, source, self.Cs)
-        return {n: (m_n, d[..., i]) for i, (n, m_n) in enumerate(zip(self.comps, m))}
+        s, d = source.split([ci.shape[-1], len(self.Cs)], -1)   # split, not slices: its backward is one cat
+        m = torch.lerp(s, s.new_ones(()), ci)                   # = g + (1 - g) s, one fused operation
+        return {n: (m_n, d[..., i]) for i, (n, m_n) in enumerate(self.split(m).items())}
 
     @contextmanager
     def cast_once(self, autocast):
-        """Under autocast (bf16 on CUDA) the matrices' V, U and W in its dtype once for all the passes of a
-        training step, instead of in every pass: autocast casts the frozen W at every use and V, U once per
-        autocast region, and the step has several (its backward must run outside them). Autograd flows
-        through the one cast of each V and U. Without autocast nothing changes."""
+        """Under autocast (bf16 on CUDA) V, U and W in its dtype once for all the passes of a training step,
+        instead of in every pass: autocast casts the frozen W at every use and V, U once per autocast
+        region, and a step has several (its backwards run outside them). Without autocast: nothing."""
         kind = self.target_device().type
         with autocast:
             dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
@@ -430,53 +420,20 @@ class Decomposition(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# §4 Losses and the adversary
+# §4 Losses and the adversaries
 
 def faithfulness_loss(deltas: dict):
-    """L_faith = Σ_l ||Δ_l||² / Σ_l numel(Δ_l)."""
+    """L_faith = Σ_l ||Δ_l||² / Σ_l numel(Δ_l): the subcomponents must add up to the weights."""
     return sum(d.pow(2).sum() for d in deltas.values()) / sum(d.numel() for d in deltas.values())
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over all processes; the backward sums the incoming gradients the same way, so every
-    process's share gets the gradient of every process's loss."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.clone()
-        dist.all_reduce(g)
-        return g
-
-
-def global_sum(x):
-    return _AllReduceSum.apply(x) if world_size() > 1 else x
-
-
-@torch.no_grad()
-def mean_over_processes(x):
-    """For logging: the mean of x over all processes."""
-    if world_size() > 1:
-        dist.all_reduce(x)
-        x /= world_size()
-    return x
 
 
 def importance_minimality_loss(ci_upper, p: float, beta: float, eps: float = 1e-12):
     """ci_upper [..., ΣC]: every subcomponent of every matrix side by side. Per subcomponent,
     s_c = Σ_positions (g + ε)^p and mean_c = s_c / #positions; L_imp = Σ_c mean_c (1 + β log2(1 + s_c)).
-    The β term penalises subcomponents that fire often, which splits subcomponents serving unrelated
-    inputs. Under data parallelism s_c inside the log is the global sum over processes, and averaging
-    the processes' gradients gives the exact gradient."""
+    p < 1 late in training favours few subcomponents fully on over many partly on; the β term penalises
+    subcomponents that fire often, which splits those serving unrelated inputs. Under data parallelism
+    s_c inside the log is the global sum over processes (an all-reduce autograd sees), so the processes'
+    averaged gradients are exact."""
     s = (ci_upper + eps).pow(p).reshape(-1, ci_upper.shape[-1]).sum(0)  # [ΣC]
     mean = s / (ci_upper.numel() // ci_upper.shape[-1])
     return (mean * (1 + beta * torch.log2(1 + global_sum(s))) if beta else mean).sum()
@@ -511,10 +468,10 @@ def stochastic_recon_loss(dec, x, target_out, ci, cfg):
 
 
 class Adversary:
-    """Persistent PGD: a source [*positions, ΣC + M] in [0, 1] (see Decomposition.masks), kept across
-    training steps and moved by projected Adam *ascent* on the reconstruction loss. All matrices share
-    one tensor, so an ascent step is a handful of in-place operations however many matrices (on CUDA
-    one compiled kernel: see train)."""
+    """Persistent PGD, the V in VPD: a source [*positions, ΣC + M] in [0, 1] (see Decomposition.masks) kept
+    across training steps and moved by projected Adam *ascent* on the reconstruction loss, so the masks
+    m = g + (1 - g) s find the ablations the model handles worst. All matrices share one tensor, so an
+    ascent step is a handful of in-place operations however many matrices (on CUDA one compiled kernel)."""
 
     def __init__(self, betas=(0.5, 0.99), eps=1e-8):
         self.betas, self.eps = betas, eps
@@ -535,8 +492,8 @@ class Adversary:
     def ascend(self, grad, lr: float):
         self.t += 1
         b1, b2 = self.betas
-        # the step size and bias correction as tensors, so that compiled code takes each step's values (made by
-        # torch.full on the device: torch.tensor would copy from the host and wait for the GPU)
+        # step size and bias correction as tensors, so that one compiled graph serves every step (torch.full
+        # on the device: torch.tensor would copy from the host and wait for the GPU)
         scalars = [torch.full((), x, device=grad.device) for x in (lr / (1 - b1 ** self.t), math.sqrt(1 - b2 ** self.t))]
         self.update(self.sources, self.m, self.v, grad, *scalars)
 
@@ -579,54 +536,141 @@ def eval_adversary(dec, x, target_out, ci, cfg, milestones, step_size=0.1):
 
 
 # -----------------------------------------------------------------------------
+# §5 One training step, and train()
+
+def training_losses(dec, x, adversary, cfg, p, adv_lr, autocast=nullcontext()):
+    """Steps 1-4 of a training step on a batch x. Returns the loss terms and the adversary's sources of
+    this step (leaves whose .grad the main backward fills, for step 8)."""
+    with dec.cast_once(autocast):  # V, U, W in bf16 once for all the passes below
+        # 1-2: the target, caching each decomposed matrix's input, then the causal importances
+        with autocast:
+            with torch.no_grad():
+                target_out = dec(x)
+            ci_lower, ci_upper = dec.causal_importance()                      # [..., ΣC]
+        # 3: the persistent adversary's inner ascent steps (gradients w.r.t. the sources only)
+        sources, shape = None, (*ci_lower.shape[:-1], ci_lower.shape[-1] + len(dec.comps))
+        if cfg.adv_coeff:
+            for _ in range(cfg.adv_steps):
+                sources = adversary.leaves(shape, ci_lower.device)
+                with autocast:
+                    loss = adversarial_recon_loss(dec, x, target_out, ci_lower.detach(), sources, cfg)
+                adversary.ascend(torch.autograd.grad(loss, [sources])[0], adv_lr)
+            sources = adversary.leaves(shape, ci_lower.device)
+        # 4: the losses
+        losses = {"faith": faithfulness_loss(dec.deltas()), "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
+        with autocast:
+            if cfg.stoch_coeff:
+                losses["stoch"] = stochastic_recon_loss(dec, x, target_out, ci_lower, cfg)
+            if cfg.adv_coeff:
+                losses["adv"] = adversarial_recon_loss(dec, x, target_out, ci_lower, sources, cfg)
+    return losses, sources
+
+
+def tie_gradients(dec):
+    """Tied matrices: the trained copy gets the gradient of both uses; the follower none, so that the
+    optimiser skips it (Decomposition.tie_weights copies it over after the step)."""
+    for b, a in dec.tie.items():
+        ca, cb = dec.comps[a], dec.comps[b]
+        ca.V.grad += cb.U.grad.T
+        ca.U.grad += cb.V.grad.T
+        cb.V.grad = cb.U.grad = None
+
+
+def schedules(step: int, cfg: Config):
+    """(p, lr, adversary lr) at a step: p linear from p_start to p_end; lr a linear warm-up, then cosine
+    decay to lr * lr_final; the adversary's lr a linear warm-up over adv_warmup of the run."""
+    p = cfg.p_start + (cfg.p_end - cfg.p_start) * step / max(1, cfg.steps - 1)
+    warmup = int(cfg.lr_warmup * cfg.steps)
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    lr = (cfg.lr * (step + 1) / warmup if step < warmup else
+          cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))))
+    return p, lr, cfg.adv_lr * min(1.0, (step + 1) / max(1.0, cfg.adv_warmup * cfg.steps))
+
+
+def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None) -> dict:
+    """Decompose `target`. get_batch(split, step) -> (x, y) gives the batch of a step ("train") or the
+    i-th evaluation batch ("val"); x: the target's input, a tensor or a dict of keyword inputs (input_ids,
+    attention_mask); y: next-token labels for language models, else None. truth: for toy models, what
+    the decomposition should find (see models.py). Returns the final metrics."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.manual_seed(cfg.seed)
+    dec = Decomposition(target, cfg)  # the same initial weights on every rank
+    if rank:  # but each rank its own masks, routing and adversary; rank 0 keeps the single-process stream
+        torch.manual_seed(cfg.seed + 1_000_003 * rank)
+    device = dec.target_device()
+    vu = [p for c in dec.comps.values() for p in (c.V, c.U)]
+    params = vu + list(dec.ci_fn.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one kernel, not a loop
+    adversary = Adversary()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and device.type == "cuda"
+                else nullcontext())
+    if cfg.compile:
+        compile_hot_paths(dec, adversary)
+    flops, peak = preflight(dec, cfg, get_batch, autocast, verbose=rank == 0)
+    run = RunFiles(cfg, rank, run_config)
+    start = run.resume(dec, opt, adversary) if cfg.init_from == "resume" else run.fresh(dec, cfg)
+    if start >= cfg.steps:  # a finished run: nothing to train, but show where it ended
+        print(f"{run.ckpt_path} is at step {start} of {cfg.steps}: nothing to train; evaluating it")
+        return {"step": start, **evaluate(dec, get_batch, cfg, truth, autocast)}
+    timer, metrics = Timer(device, start), {}
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank > 0, dynamic_ncols=True)
+    for step in bar:
+        p, lr, adv_lr = schedules(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, _ = get_batch("train", step)
+        # 1-4: the target, CI, the adversary's inner steps and the four losses
+        losses, sources = training_losses(dec, x, adversary, cfg, p, adv_lr, autocast)
+        # 5: their weighted sum in fp32; a non-finite one stops every rank before it reaches the weights
+        coeffs = {"faith": cfg.faith_coeff, "imp": cfg.imp_coeff, "stoch": cfg.stoch_coeff, "adv": cfg.adv_coeff}
+        total = sum(coeffs[k] * v.float() for k, v in losses.items())
+        run.check_finite(total, losses, step)
+        # 6-7: one backward gives the parameters' gradients and (through L_adv) the sources'; AdamW on V, U, CI
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        sync_gradients(params)
+        tie_gradients(dec)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(vu, cfg.grad_clip)
+        opt.step()
+        dec.tie_weights()
+        # 8: the adversary's outer step, with the gradient the main backward left on the sources
+        if cfg.adv_coeff:
+            adversary.ascend(sources.grad.div_(cfg.adv_coeff), adv_lr)
+            sources = None  # its gradient [*positions, ΣC + M] would live on through the next step's losses
+        # log, checkpoint (before evaluating: a failed evaluation must not cost the steps), evaluate
+        done = step + 1
+        timer.positions += dec.n_positions() * world_size()
+        log_now = done == cfg.steps or (cfg.log_interval > 0 and done % cfg.log_interval == 0)
+        ckpt_now = done == cfg.steps or (cfg.ckpt_interval > 0 and done % cfg.ckpt_interval == 0)
+        eval_now = cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.steps)
+        if log_now:
+            values = mean_over_processes(torch.stack([v.detach().float() for v in losses.values()] + [total.detach()]))
+            run.log({"step": done, **dict(zip([*losses, "total"], values.tolist())), "p": p, "lr": lr,
+                     **timer.lap(done, flops, peak)}, bar)
+        if ckpt_now:
+            run.checkpoint(done, dec, opt, adversary, params)
+        if eval_now:
+            metrics = {"step": done, **evaluate(dec, get_batch, cfg, truth, autocast)}
+            run.log(metrics, bar, eval_line=True)
+        if log_now or ckpt_now or eval_now:
+            timer.reset(done)  # the timer measures training steps only
+    if rank == 0:
+        timer.summary(flops, peak)
+        save_figures(dec, truth, cfg.out_dir)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
 # §6 Metrics
 
-def toy_feature_metrics(W, comp: Components):
-    """MMCS and ML2R of a toy target matrix W [d_out, n_features] against its subcomponents: for each
-    feature j, the best subcomponent's column U[c, :] V[j, c] by cosine similarity, and its norm ratio."""
-    cols = comp.V[:, :, None] * comp.U[None]                             # [n_features, C, d_out]
-    feats = W.T[:, None, :]                                               # [n_features, 1, d_out]
-    cos = F.cosine_similarity(cols, feats, dim=-1)                        # [n_features, C]
-    best = cos.argmax(1)
-    ratio = cols[torch.arange(len(best)), best].norm(dim=-1) / feats[:, 0].norm(dim=-1)
-    return cos.max(1).values.mean().item(), ratio.mean().item(), best
-
-
-def target_ci_error(ci, pattern, tol=0.1):
-    """Entries of a CI matrix on one-hot probes (ci [n_features, C]) that miss the expected pattern by
-    more than tol. ("identity", n): one subcomponent per feature, matched by linear assignment.
-    ("dense", k): the same k subcomponents on for every feature, all others off (METHOD.md §6).
-    ("dense_count", k): Goodfire's looser reading of "dense" (their DenseCIPattern): the k columns of most
-    CI mass (ties: the first) must each be on for at least one probe, the others never above tol: one error
-    per such column never on, and per entry above tol in the other columns. It checks how many
-    subcomponents a matrix uses, not whether they fire together."""
-    kind, k = pattern
-    if kind in ("dense", "dense_count") and k > ci.shape[1]:
-        raise ValueError(f"a dense pattern of {k} subcomponents needs C >= {k}, got C = {ci.shape[1]}")
-    expected = torch.zeros_like(ci)
-    if kind == "identity":
-        from scipy.optimize import linear_sum_assignment  # the Hungarian method
-        rows, cols = linear_sum_assignment(ci.numpy(), maximize=True)
-        expected[rows, cols] = 1
-    elif kind == "dense":
-        expected[:, ci.mean(0).topk(k).indices] = 1
-    elif kind == "dense_count":
-        order = ci.sum(0).argsort(descending=True, stable=True)
-        never_on = (ci[:, order[:k]].max(0).values < 1 - tol).sum()
-        return int(never_on + (ci[:, order[k:]] > tol).sum())
-    else:
-        raise ValueError(f"unknown CI pattern {kind!r}")
-    return int(((ci - expected).abs() > tol).sum())
-
-
-@torch.no_grad()
-def probe_ci(dec, probes):
-    dec(probes)
-    return {n: g.cpu() for n, g in dec.split(dec.causal_importance()[0]).items()}
+def lm_ce(logits, y):  # labels -1: no next token known
+    return F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), ignore_index=-1).item()
 
 
 def eval_masks(dec, ci, threshold) -> dict:
-    """The six kinds of masks of METHOD.md §6; δ = 0 except for the stochastic ones."""
+    """Six kinds of masks: the CI values, all ones, stochastic (with δ ~ U(0, 1)), random U(0, 1), rounded
+    (CI > threshold -> 1) and all zeros; δ = 0 except for the stochastic ones."""
     none = torch.zeros(*ci.shape[:-1], ci.shape[-1] + len(dec.comps), device=ci.device)  # m = the CI given, δ = 0
     return {"ci": dec.masks(ci, none), "ones": dec.masks(torch.ones_like(ci), none),
             "stoch": dec.masks(ci, torch.rand_like(none)), "random": dec.masks(torch.rand_like(ci), none),
@@ -665,9 +709,10 @@ def evaluate_batch(dec, x, y, cfg):
 
 
 def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
-    """The metrics of METHOD.md §6 averaged over `cfg.eval_batches` validation batches, with L0 per
-    matrix, layer and in total, alive subcomponents, CE unrecovered (language models), and for toys
-    MMCS / ML2R and the target-CI error."""
+    """The metrics averaged over `cfg.eval_batches` validation batches: L0 per matrix, layer and in total
+    (subcomponents with CI above ci_threshold per position), alive subcomponents (mean CI above
+    alive_threshold), KL or MSE and CE under each kind of mask, CE unrecovered ((CE_x - CE_target) /
+    (CE_zero - CE_target)), the evaluation adversary, and for toys MMCS / ML2R and the target-CI error."""
     devices = [dec.target_device()] if dec.target_device().type == "cuda" else []
     metrics, ci_mass, n_pos = {}, 0, 0
     with torch.random.fork_rng(devices):  # evaluation must not move the training RNG (resume equality)
@@ -708,58 +753,102 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
     return metrics
 
 
-def lm_ce(logits, y):  # labels -1: no next token known
-    return F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), ignore_index=-1).item()
+def toy_feature_metrics(W, comp: Components):
+    """MMCS and ML2R of a toy target matrix W [d_out, n_features] against its subcomponents: for each
+    feature j, the best subcomponent's column U[c, :] V[j, c] by cosine similarity (MMCS: the mean of
+    those best cosines), and its norm over the feature's (ML2R: their mean)."""
+    cols = comp.V[:, :, None] * comp.U[None]                             # [n_features, C, d_out]
+    feats = W.T[:, None, :]                                               # [n_features, 1, d_out]
+    cos = F.cosine_similarity(cols, feats, dim=-1)                        # [n_features, C]
+    best = cos.argmax(1)
+    ratio = cols[torch.arange(len(best)), best].norm(dim=-1) / feats[:, 0].norm(dim=-1)
+    return cos.max(1).values.mean().item(), ratio.mean().item(), best
 
 
-def save_figures(dec, truth, out_dir):
-    """The CI matrix on one-hot probes, and for TMS the target's feature vectors beside the best
-    matching subcomponents' vectors."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ci = probe_ci(dec, truth["probes"])
-    fig, axes = plt.subplots(1, len(ci), figsize=(4 * len(ci), 3.5), squeeze=False)
-    for ax, (n, g) in zip(axes[0], ci.items()):
-        alive = g.max(0).values > 0  # columns that never fire are left out
-        ax.imshow(g[:, alive], vmin=0, vmax=1, cmap="Blues", aspect="auto", interpolation="nearest")
-        ax.set(title=f"{n}: CI on one-hot probes", xlabel=f"subcomponent ({int(alive.sum())} that fire)",
-               ylabel="feature")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "ci_probes.png"), dpi=120)
-    plt.close(fig)
-    if "features" in truth:
-        path, W = truth["features"]
-        _, _, best = toy_feature_metrics(W, dec.comps[path])
-        comp = dec.comps[path]
-        found = (comp.V[torch.arange(len(best)), best][:, None] * comp.U[best]).detach().cpu()  # [n, d_out]
-        fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-        for ax, vecs, title in ((axes[0], W.T.cpu(), "target W columns"), (axes[1], found, "best subcomponents")):
-            if vecs.shape[1] == 2:
-                for j, v in enumerate(vecs):
-                    ax.arrow(0, 0, v[0], v[1], color=f"C{j % 10}", width=0.01, length_includes_head=True)
-                lim = 1.1 * W.abs().max().item()
-                ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
-            else:
-                ax.imshow(vecs.T, cmap="RdBu", vmin=-W.abs().max().item(), vmax=W.abs().max().item())
-                ax.set(xlabel="feature", ylabel="hidden dim")
-            ax.set_title(f"{path}: {title}")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "features.png"), dpi=120)
-        plt.close(fig)
+def target_ci_error(ci, pattern, tol=0.1):
+    """Entries of a CI matrix on one-hot probes (ci [n_features, C]) that miss the expected pattern by
+    more than tol. ("identity", n): one subcomponent per feature, matched by linear assignment.
+    ("dense", k): the same k subcomponents on for every feature, all others off.
+    ("dense_count", k): Goodfire's looser reading of "dense" (their DenseCIPattern): the k columns of most
+    CI mass (ties: the first) must each be on for at least one probe, the others never above tol: one error
+    per such column never on, and per entry above tol in the other columns. It checks how many
+    subcomponents a matrix uses, not whether they fire together."""
+    kind, k = pattern
+    if kind in ("dense", "dense_count") and k > ci.shape[1]:
+        raise ValueError(f"a dense pattern of {k} subcomponents needs C >= {k}, got C = {ci.shape[1]}")
+    expected = torch.zeros_like(ci)
+    if kind == "identity":
+        from scipy.optimize import linear_sum_assignment  # the Hungarian method
+        rows, cols = linear_sum_assignment(ci.numpy(), maximize=True)
+        expected[rows, cols] = 1
+    elif kind == "dense":
+        expected[:, ci.mean(0).topk(k).indices] = 1
+    elif kind == "dense_count":
+        order = ci.sum(0).argsort(descending=True, stable=True)
+        never_on = (ci[:, order[:k]].max(0).values < 1 - tol).sum()
+        return int(never_on + (ci[:, order[k:]] > tol).sum())
+    else:
+        raise ValueError(f"unknown CI pattern {kind!r}")
+    return int(((ci - expected).abs() > tol).sum())
+
+
+@torch.no_grad()
+def probe_ci(dec, probes):
+    dec(probes)
+    return {n: g.cpu() for n, g in dec.split(dec.causal_importance()[0]).items()}
 
 
 # -----------------------------------------------------------------------------
-# §5 Training
+# Appendix A: data parallelism. Each rank runs its own batch; V, U and the CI function stay identical.
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warm-up, then cosine decay from lr to lr * lr_final."""
-    warmup = int(cfg.lr_warmup * cfg.steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, cfg.steps - warmup)
-    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress)))
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
 
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over all processes; the backward sums the incoming gradients the same way, so every
+    process's share gets the gradient of every process's loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+def global_sum(x):
+    return _AllReduceSum.apply(x) if world_size() > 1 else x
+
+
+@torch.no_grad()
+def mean_over_processes(x):
+    """For logging: the mean of x over all processes."""
+    if world_size() > 1:
+        dist.all_reduce(x)
+        x /= world_size()
+    return x
+
+
+def sync_gradients(params):
+    """The masked forwards run outside any DDP wrapper, so average the gradients of V, U and the CI
+    function by hand, as one flat all-reduce."""
+    if world_size() == 1:
+        return
+    flat = torch.cat([prm.grad.flatten() for prm in params])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for prm, g in zip(params, flat.split([prm.numel() for prm in params])):
+        prm.grad.copy_(g.view_as(prm))
+
+
+# -----------------------------------------------------------------------------
+# Appendix B: checkpoints, resume and the log
 
 def save_checkpoint(path: str, ckpt: dict):
     """Atomic: a crash while writing leaves the previous checkpoint intact."""
@@ -770,278 +859,188 @@ def save_checkpoint(path: str, ckpt: dict):
 def load_checkpoint(path: str, keys=("config", "step", "components", "target", "ci_fn", "optimizer", "adversary",
                                      "rng")) -> dict:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"init_from='resume' but there is no checkpoint at {path}")
+        raise FileNotFoundError(f"there is no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is corrupt "
-                           "or not a vpd.py checkpoint") from e
+    except Exception as e:  # torch's own message would suggest unsafe loading, which a corrupt file does not need
+        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is corrupt (a torn copy?) "
+                           "or not a vpd.py checkpoint") from None
     missing = set(keys) - set(ckpt)
     if missing:
         raise RuntimeError(f"checkpoint {path} lacks {sorted(missing)}; it is not a vpd.py checkpoint")
     return ckpt
 
 
-def load_decomposition_state(dec, ckpt: dict):
+def load_decomposition_state(dec, ckpt: dict, path="the checkpoint"):
     """The target, V, U and the CI function of a checkpoint, into a Decomposition built with its config."""
+    mine = {n: tuple(c.V.shape) for n, c in dec.comps.items()}
+    theirs = {n: tuple(c["V"].shape) for n, c in ckpt["components"].items()}
+    if mine != theirs:
+        diff = {n: f"{theirs.get(n, 'absent')} there, {mine.get(n, 'absent')} here" for n in {*mine, *theirs}
+                if mine.get(n) != theirs.get(n)}
+        raise ValueError(f"{path} decomposes other matrices or other C (V [d_in, C]: {diff}); resume with the "
+                         "config it was written with (its config.json), or start afresh in another out_dir")
     state = dict(ckpt["target"])
     for n, comp in ckpt["components"].items():
         state[f"{n}.V"], state[f"{n}.U"] = comp["V"], comp["U"]
     dec.target.load_state_dict(state)
-    dec.ci_fn.load_state_dict(ckpt["ci_fn"])
+    try:
+        dec.ci_fn.load_state_dict(ckpt["ci_fn"])
+    except RuntimeError as e:
+        raise ValueError(f"{path} holds another CI function (ci_fn and its sizes must match the config):\n{e}") from None
 
 
-def training_losses(dec, x, adversary, cfg, p, adv_lr, autocast=nullcontext()):
-    """Steps 1-4 of a VPD training step (METHOD.md §5) on a batch x. Returns the loss terms and the
-    adversary's sources of this step (leaves whose .grad the main backward fills, for step 8)."""
-    with dec.cast_once(autocast):  # V, U, W in bf16 once for all the passes below
-        # 1-2: the target, caching each decomposed matrix's input, then the causal importances
-        with autocast:
-            with torch.no_grad():
-                target_out = dec(x)
-            ci_lower, ci_upper = dec.causal_importance()                      # [..., ΣC]
-        # 3: the persistent adversary's inner ascent steps (gradients w.r.t. the sources only)
-        sources, shape = None, (*ci_lower.shape[:-1], ci_lower.shape[-1] + len(dec.comps))
-        if cfg.adv_coeff:
-            for _ in range(cfg.adv_steps):
-                sources = adversary.leaves(shape, ci_lower.device)
-                with autocast:
-                    loss = adversarial_recon_loss(dec, x, target_out, ci_lower.detach(), sources, cfg)
-                adversary.ascend(torch.autograd.grad(loss, [sources])[0], adv_lr)
-            sources = adversary.leaves(shape, ci_lower.device)
-        # 4: the losses
-        losses = {"faith": faithfulness_loss(dec.deltas()), "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
-        with autocast:
-            if cfg.stoch_coeff:
-                losses["stoch"] = stochastic_recon_loss(dec, x, target_out, ci_lower, cfg)
-            if cfg.adv_coeff:
-                losses["adv"] = adversarial_recon_loss(dec, x, target_out, ci_lower, sources, cfg)
-    return losses, sources
+class RunFiles:
+    """out_dir's files: ckpt.pt (and under torchrun each further rank's ckpt_rank{r}.pt, with its own
+    adversary and noise state) and metrics.jsonl; resume, checkpoint, log."""
 
+    def __init__(self, cfg: Config, rank: int, run_config=None):
+        self.cfg, self.rank, self.run_config = cfg, rank, run_config or dataclasses.asdict(cfg)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.ckpt_path, self.metrics_path = (os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "metrics.jsonl"))
+        self.rank_path = os.path.join(cfg.out_dir, f"ckpt_rank{rank}.pt")
+        self.written = None  # the step of the last checkpoint this run wrote or resumed from
 
-def tie_gradients(dec):
-    """Tied matrices: the trained copy gets the gradient of both uses; the follower none, so that the
-    optimiser skips it (Decomposition.tie_weights copies it over after the step)."""
-    for b, a in dec.tie.items():
-        ca, cb = dec.comps[a], dec.comps[b]
-        ca.V.grad += cb.U.grad.T
-        ca.U.grad += cb.V.grad.T
-        cb.V.grad = cb.U.grad = None
+    def fresh(self, dec, cfg) -> int:
+        """A new run: set an earlier run's files aside, then the faithfulness warm-up ((V U)^T ≈ W)."""
+        if self.rank == 0 and os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)
+        if self.rank == 0 and os.path.exists(self.ckpt_path):  # kept, but where no resume will take it
+            os.replace(self.ckpt_path, self.ckpt_path + ".prev")
+            print(f"a fresh run: the earlier {self.ckpt_path} is now {self.ckpt_path}.prev")
+        vu = [p for c in dec.comps.values() for p in (c.V, c.U)]
+        warm = torch.optim.AdamW(vu, lr=cfg.faith_warmup_lr, weight_decay=0)  # freed after: its moments are 8 B/entry
+        for _ in range(cfg.faith_warmup_steps):
+            warm.zero_grad(set_to_none=True)
+            faithfulness_loss(dec.deltas()).backward()
+            tie_gradients(dec)
+            warm.step()
+            dec.tie_weights()
+        return 0
 
-
-def sync_gradients(params):
-    """Data parallelism: the masked forwards run outside any DDP wrapper, so average the gradients of
-    V, U and the CI function by hand, as one flat all-reduce."""
-    if world_size() == 1:
-        return
-    flat = torch.cat([prm.grad.flatten() for prm in params])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    for prm, g in zip(params, flat.split([prm.numel() for prm in params])):
-        prm.grad.copy_(g.view_as(prm))
-
-
-def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None) -> dict:
-    """Decompose `target`. get_batch(split, step) -> (x, y) gives the batch of a step ("train") or the
-    i-th evaluation batch ("val"); x: the target's input, a tensor or a dict of keyword inputs (input_ids,
-    attention_mask); y: next-token labels for language models, else None. truth: for toy
-    models, what the decomposition should find (see models.py). Returns the final metrics."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    master = rank == 0
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
-    rank_path = os.path.join(cfg.out_dir, f"ckpt_rank{rank}.pt")  # ranks > 0: their own RNG and adversary
-    torch.manual_seed(cfg.seed)
-    dec = Decomposition(target, cfg)  # the same initial weights on every rank
-    if rank:  # but each rank its own masks, routing and adversary; rank 0 keeps the single-process stream
-        torch.manual_seed(cfg.seed + 1_000_003 * rank)
-    device = dec.target_device()
-    vu = [p for c in dec.comps.values() for p in (c.V, c.U)]
-    params = vu + list(dec.ci_fn.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one kernel, not a loop
-    adversary = Adversary()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and device.type == "cuda"
-                else nullcontext())
-    if cfg.compile:  # the CI function with both sigmoids, fused; modules untouched: state-dict keys stay the same
-        dec.causal_importance = torch.compile(dec.causal_importance)
-        if device.type == "cuda":  # a few fused kernels instead of a pass per operation over [B, T, vocab] (the
-            dec.recon = torch.compile(recon_loss, dynamic=True)  # logits' fp32 cast, log-softmaxes, KL) and
-            adversary.update = torch.compile(adversary.update)   # [B, T, ΣC + M] (Adam); no gain on a CPU
-    plan = memory_plan(dec, cfg, get_batch("train", 0)[0], autocast)
-    check_memory(plan, device, cfg, verbose=master)
-    flops, peak = step_flops(dec, cfg, get_batch("train", 0)[0], autocast), peak_tflops(cfg, device)
-    if master:
-        print(f"one training step: {flops / 1e9:.1f} GFLOP per process" + (f"; peak {peak} TFLOP/s" if peak else ""))
-    if cfg.eval_interval > 0:
-        get_batch("val", 0)  # a missing validation split fails now, not after eval_interval steps
-
-    start = 0
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path)
-        load_decomposition_state(dec, ckpt)
+    def resume(self, dec, opt, adversary) -> int:
+        ckpt = load_checkpoint(self.ckpt_path)
+        load_decomposition_state(dec, ckpt, self.ckpt_path)
         opt.load_state_dict(ckpt["optimizer"])
-        start = ckpt["step"]
+        start = self.written = ckpt["step"]
         own = ckpt  # rank 0's adversary and noise state; the other ranks' are in their own files
-        if not master:
-            own = load_checkpoint(rank_path, ("step", "adversary", "rng")) if os.path.exists(rank_path) else {"step": None}
+        if self.rank:
+            own = load_checkpoint(self.rank_path, ("step", "adversary", "rng")) if os.path.exists(self.rank_path) else {"step": None}
+        device = dec.target_device()
         if own["step"] == start:
             adversary.load_state_dict({k: v.to(device) if torch.is_tensor(v) else v for k, v in own["adversary"].items()})
             torch.set_rng_state(own["rng"]["cpu"])
             if device.type == "cuda" and "cuda" in own["rng"]:  # absent when the run moved from the CPU
                 torch.cuda.set_rng_state(own["rng"]["cuda"], device)
         else:  # no file of this rank at this step (another world size, or a crash between the writes)
-            print(f"rank {rank}: no state at step {start} in {rank_path}; its adversary and noise start afresh")
-        if master and os.path.exists(metrics_path):  # drop what the interrupted run logged after the checkpoint
-            with open(metrics_path) as f:  # (and a last line the crash tore: it has no newline)
+            print(f"rank {self.rank}: no state at step {start} in {self.rank_path}; its adversary and noise start afresh")
+        if self.rank == 0 and os.path.exists(self.metrics_path):  # drop what was logged after the checkpoint,
+            with open(self.metrics_path) as f:                   # and a last line a crash tore (no newline)
                 kept = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= start]
-            with open(metrics_path + ".tmp", "w") as f:
+            with open(self.metrics_path + ".tmp", "w") as f:
                 f.writelines(kept)
-            os.replace(metrics_path + ".tmp", metrics_path)
-        if master:
-            print(f"resuming from {ckpt_path} at step {start}")
-    else:
-        if master and os.path.exists(metrics_path):
-            os.remove(metrics_path)
-        if master and os.path.exists(ckpt_path):  # an earlier run's: kept, but where no resume will take it
-            os.replace(ckpt_path, ckpt_path + ".prev")
-            print(f"a fresh run: the earlier {ckpt_path} is now {ckpt_path}.prev")
-        warm = torch.optim.AdamW(vu, lr=cfg.faith_warmup_lr, weight_decay=0)
-        for _ in range(cfg.faith_warmup_steps):  # faithfulness warm-up: start from (V U)^T ≈ W
-            warm.zero_grad(set_to_none=True)
-            faithfulness_loss(dec.deltas()).backward()
-            tie_gradients(dec)
-            warm.step()
-            dec.tie_weights()
-        del warm  # its moments (8 bytes per entry of V and U) would stay allocated for the whole run
+            os.replace(self.metrics_path + ".tmp", self.metrics_path)
+        if self.rank == 0:
+            print(f"resuming from {self.ckpt_path} at step {start}")
+        return start
 
-    def log(record):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    def last_good(self) -> str:
+        return (f"the last good checkpoint is {self.ckpt_path} (step {self.written})" if self.written is not None
+                else "no checkpoint was written yet")
 
-    def checkpoint(step):
-        if not all(torch.isfinite(prm).all() for prm in params):  # a finite loss can still leave NaN gradients
-            raise FloatingPointError(f"step {step}: non-finite weights; the last good checkpoint is {ckpt_path}")
-        own = {"step": step, "adversary": adversary.state_dict(), "rng": {"cpu": torch.get_rng_state(),
-               **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}}
-        if not master:
-            save_checkpoint(rank_path, own)
-        if world_size() > 1:
-            dist.barrier()  # the other ranks' files are written before ckpt.pt moves on to this step
-        if master:
-            sd = dec.target.state_dict()
-            save_checkpoint(ckpt_path, {
-                "config": run_config or dataclasses.asdict(cfg), **own,
-                "components": {n: {"V": c.V.detach().cpu(), "U": c.U.detach().cpu()} for n, c in dec.comps.items()},
-                "target": {k: v.cpu() for k, v in sd.items() if not k.endswith((".V", ".U"))},
-                "ci_fn": dec.ci_fn.state_dict(), "optimizer": opt.state_dict()})
-
-    t_last, step_last, n_tok, metrics, step_ms = time.perf_counter(), start, 0, {}, []
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master, dynamic_ncols=True)
-    for step in bar:
-        frac = step / max(1, cfg.steps - 1)
-        p = cfg.p_start + (cfg.p_end - cfg.p_start) * frac
-        lr = lr_at(step, cfg)
-        adv_lr = cfg.adv_lr * min(1.0, (step + 1) / max(1.0, cfg.adv_warmup * cfg.steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, _ = get_batch("train", step)
-        losses, sources = training_losses(dec, x, adversary, cfg, p, adv_lr, autocast)
-        coeffs = {"faith": cfg.faith_coeff, "imp": cfg.imp_coeff, "stoch": cfg.stoch_coeff, "adv": cfg.adv_coeff}
-        total = sum(coeffs[k] * v.float() for k, v in losses.items())  # 5: the weighted sum in fp32
+    def check_finite(self, total, losses, step):
         finite = torch.isfinite(total.detach()).float()
         if world_size() > 1:  # one rank's NaN stops every rank (alone, the others would hang in all-reduce)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite:
             raise FloatingPointError(f"step {step}: the loss is {total.item()} "
-                                     f"({ {k: v.item() for k, v in losses.items()} }); the last good checkpoint "
-                                     f"is {ckpt_path}")
-        # 6-7: one backward gives the parameters' gradients and (through L_adv) the sources' gradients
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        sync_gradients(params)
-        tie_gradients(dec)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(vu, cfg.grad_clip)
-        opt.step()
-        dec.tie_weights()
-        # 8: the adversary's outer step, with the gradient the main backward left on the sources
-        if cfg.adv_coeff:
-            adversary.ascend(sources.grad.div_(cfg.adv_coeff), adv_lr)
-            sources = None  # its gradient [*positions, ΣC + M] would live on through the next step's losses
+                                     f"({ {k: v.item() for k, v in losses.items()} }); {self.last_good()}")
 
-        positions = dec.n_positions() * world_size()
-        n_tok += positions
-        done = step + 1
-        log_now = done == cfg.steps or (cfg.log_interval > 0 and done % cfg.log_interval == 0)
-        eval_now = cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.steps)
-        ckpt_now = done == cfg.steps or (cfg.ckpt_interval > 0 and done % cfg.ckpt_interval == 0)
-        if log_now:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t_last
-            values = mean_over_processes(torch.stack([v.detach().float() for v in losses.values()] + [total.detach()]))
-            tflops = flops * (done - step_last) / dt / 1e12  # per process
-            record = {"step": done, **dict(zip([*losses, "total"], values.tolist())), "p": p, "lr": lr,
-                      "ms_per_step": 1000 * dt / (done - step_last), "tokens_per_s": n_tok / dt,
-                      "tflops": tflops, **({"mfu": tflops / peak} if peak else {}), "peak_mem_gb": peak_memory_gb(device)}
-            step_ms.append(record["ms_per_step"])
-            log(record)
-            if master:
-                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        if ckpt_now:  # before evaluating: an evaluation that fails must not cost the steps since the last one
-            checkpoint(done)
-        if eval_now:
-            metrics = {"step": done, **evaluate(dec, get_batch, cfg, truth, autocast)}
-            log(metrics)
-            if master:
-                bar.write("eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                                             if "/" not in k or k.endswith("total") or k.startswith(("recon", "ce/"))))
-        if log_now or eval_now or ckpt_now:  # the timer measures training steps only
-            t_last, step_last, n_tok = time.perf_counter(), done, 0
-    if master and len(step_ms) > 1:
-        ms = sorted(step_ms[1:])[len(step_ms[1:]) // 2]
-        tflops = flops / ms / 1e9
-        print(f"median ms/step {ms:.1f} over {len(step_ms) - 1} logged intervals (the first, with warm-up and "
-              f"compilation, left out): {positions / ms * 1000:.0f} tokens/s, "
-              + (f"{tflops:.1f} TFLOP/s, MFU {tflops / peak:.1%} of {peak} TFLOP/s" if peak else
-                 f"{1000 * tflops:.1f} GFLOP/s per process"))
-    if master and truth is not None:
-        save_figures(dec, truth, cfg.out_dir)
-    return metrics
+    def checkpoint(self, step, dec, opt, adversary, params):
+        if not all(torch.isfinite(prm).all() for prm in params):  # a finite loss can still leave NaN gradients
+            raise FloatingPointError(f"step {step}: non-finite weights; {self.last_good()}")
+        device = dec.target_device()
+        own = {"step": step, "adversary": adversary.state_dict(), "rng": {"cpu": torch.get_rng_state(),
+               **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}}
+        if self.rank:
+            save_checkpoint(self.rank_path, own)
+        if world_size() > 1:
+            dist.barrier()  # the other ranks' files are written before ckpt.pt moves on to this step
+        if self.rank == 0:
+            sd = dec.target.state_dict()
+            save_checkpoint(self.ckpt_path, {
+                "config": self.run_config, **own,
+                "components": {n: {"V": c.V.detach().cpu(), "U": c.U.detach().cpu()} for n, c in dec.comps.items()},
+                "target": {k: v.cpu() for k, v in sd.items() if not k.endswith((".V", ".U"))},
+                "ci_fn": dec.ci_fn.state_dict(), "optimizer": opt.state_dict()})
+        self.written = step
+
+    def log(self, record, bar, eval_line=False):
+        if self.rank:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if eval_line:  # the headline metrics; all of them are in metrics.jsonl
+            record = {k: v for k, v in record.items() if "/" not in k or k.endswith("total") or k.startswith(("recon", "ce/"))}
+        bar.write(("eval " if eval_line else "") + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                            for k, v in record.items()))
 
 
-def activation_bytes(dec, cfg, x, autocast=nullcontext()) -> int:
-    """Bytes that one training step on batch x needs besides the weights, the gradients of V, U and the CI
-    function, and the optimiser's and the adversary's state. On CUDA: the allocator's peak over the losses
-    (the adversary's inner steps included) and the backward, so the backward's transient gradients count,
-    and the CI function runs compiled when training compiles it. Elsewhere there are no allocator
-    statistics: what autograd saves for the backward, without the transients, a lower bound."""
-    device = dec.target_device()
-    with torch.random.fork_rng([device] if device.type == "cuda" else []):
-        if device.type == "cuda":
-            for p in dec.parameters():  # as in training, where a step's gradients live until the next backward
-                if p.requires_grad:
-                    p.grad = torch.zeros_like(p)
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            adversary = Adversary()
-            losses, _ = training_losses(dec, x, adversary, cfg, cfg.p_start, 0.0, autocast)
-            sum(losses.values()).backward()
-            dec.zero_grad(set_to_none=True)
-            state = 3 * adversary.sources.numel() * 4 if adversary.sources is not None else 0
-            return torch.cuda.max_memory_allocated(device) - base - state
-        saved = {}
+class Timer:
+    """ms per training step, positions (tokens) per second, TFLOP/s and MFU between log lines."""
 
-        def pack(t):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        # eager, so that no graph is compiled for these batch sizes; the inner ascent steps free their graphs
-        # before the losses are built: leave them out
-        with torch.compiler.set_stance("force_eager"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            training_losses(dec, x, Adversary(), dataclasses.replace(cfg, adv_steps=0), cfg.p_start, 0.0, autocast)
-    params = {p.untyped_storage().data_ptr() for p in dec.parameters()}
-    return sum(n for ptr, n in saved.items() if ptr not in params)
+    def __init__(self, device, step):
+        self.device, self.step_ms = device, []
+        self.reset(step)
+
+    def reset(self, step):
+        self.t, self.step, self.positions = time.perf_counter(), step, 0
+
+    def lap(self, step, flops, peak) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt, n = time.perf_counter() - self.t, step - self.step
+        self.step_ms.append(1000 * dt / n)
+        self.tokens_per_step, tflops = self.positions / n, flops * n / dt / 1e12  # per process
+        return {"ms_per_step": self.step_ms[-1], "tokens_per_s": self.positions / dt, "tflops": tflops,
+                **({"mfu": tflops / peak} if peak else {}), "peak_mem_gb": peak_memory_gb(self.device)}
+
+    def summary(self, flops, peak):
+        if len(self.step_ms) > 1:  # the first interval, with warm-up and compilation, left out
+            ms = sorted(self.step_ms[1:])[len(self.step_ms[1:]) // 2]
+            tflops = flops / ms / 1e9
+            print(f"median ms/step {ms:.1f} over {len(self.step_ms) - 1} logged intervals (the first, with warm-up "
+                  f"and compilation, left out): {self.tokens_per_step / ms * 1000:.0f} tokens/s, "
+                  + (f"{tflops:.1f} TFLOP/s, MFU {tflops / peak:.1%} of {peak} TFLOP/s" if peak else
+                     f"{1000 * tflops:.1f} GFLOP/s per process"))
+
+
+# -----------------------------------------------------------------------------
+# Appendix C: before training: compilation, the memory plan, the FLOPs of a step
+
+def compile_hot_paths(dec, adversary):
+    """The CI function with both sigmoids, fused (modules untouched: state-dict keys stay the same); on
+    CUDA also the reconstruction loss (the logits' fp32 cast, log-softmaxes, KL over [B, T, vocab]) and
+    the adversary's Adam step over [B, T, ΣC + M]: a few fused kernels instead of a pass per operation,
+    which gains nothing on a CPU."""
+    dec.causal_importance = torch.compile(dec.causal_importance)
+    if dec.target_device().type == "cuda":
+        dec.recon = torch.compile(recon_loss, dynamic=True)
+        adversary.update = torch.compile(adversary.update)
+
+
+def preflight(dec, cfg, get_batch, autocast, verbose=True):
+    """Before the first step: the memory plan (stops a run that cannot fit), the FLOPs of one step and the
+    device's peak (for MFU), and a look at the validation split (a missing one fails now, not later)."""
+    x = get_batch("train", 0)[0]
+    activations, flops = measure_step(dec, cfg, x, autocast)
+    check_memory(memory_plan(dec, cfg, x, activations), dec.target_device(), cfg, verbose)
+    peak = peak_tflops(cfg, dec.target_device())
+    if verbose:
+        print(f"one training step: {flops / 1e9:.1f} GFLOP per process" + (f"; peak {peak} TFLOP/s" if peak else ""))
+    if cfg.eval_interval > 0:
+        get_batch("val", 0)
+    return flops, peak
 
 
 def first_samples(x, n: int):
@@ -1053,22 +1052,43 @@ def n_samples(x) -> int:
     return len(x) if torch.is_tensor(x) else len(next(iter(x.values())))
 
 
-def memory_plan(dec, cfg, x, autocast=nullcontext()) -> dict:
-    """Bytes one process needs for training, by item, printed at the start so that a run that cannot fit
-    stops before it begins. Activations: measured on the first one and two samples (sequences) of the
-    batch and extrapolated linearly to the whole batch, so that any target and CI function is covered
-    (on CUDA with the backward's transient gradients, elsewhere without: see activation_bytes)."""
-    one = activation_bytes(dec, cfg, first_samples(x, 1), autocast)
-    pos = dec.n_positions() * n_samples(x)  # per process
-    two = activation_bytes(dec, cfg, first_samples(x, 2), autocast)
+def measure_step(dec, cfg, x, autocast=nullcontext()):
+    """(activation bytes, FLOPs) of one training step on batch x per process: both measured on the first
+    one and two samples and extrapolated linearly (Δ's V U does not grow with the batch), so any target
+    and CI function is covered. Eager, so that FlopCounterMode sees every matmul (the losses, the inner
+    ascent steps, the backward) and no graph is compiled for these sizes. Bytes: the CUDA allocator's
+    peak beyond the weights, the gradients and the adversary's state (counted apart), the backward's
+    transients included; 0 on a CPU, which keeps no such statistics."""
+    device, measured = dec.target_device(), []
+    cuda = device.type == "cuda"
+    for n in (1, 2):
+        if cuda:
+            for p in dec.parameters():  # as in training, where a step's gradients live until the next backward
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        adversary = Adversary()
+        with (torch.random.fork_rng([device] if cuda else []), torch.compiler.set_stance("force_eager"),
+              FlopCounterMode(display=False) as counter):
+            losses, _ = training_losses(dec, first_samples(x, n), adversary, cfg, cfg.p_start, 0.0, autocast)
+            sum(losses.values()).backward()
+        dec.zero_grad(set_to_none=True)
+        state = 12 * adversary.sources.numel() if adversary.sources is not None else 0
+        measured.append((torch.cuda.max_memory_allocated(device) - base - state if cuda else 0,
+                         counter.get_total_flops()))
+    (b1, f1), (b2, f2) = measured
+    return b1 + (b2 - b1) * (n_samples(x) - 1), f1 + (f2 - f1) * (n_samples(x) - 1)
+
+
+def memory_plan(dec, cfg, x, activations: int) -> dict:
+    """Bytes one process needs for training, by item."""
     trainable = sum(p.numel() for p in dec.parameters() if p.requires_grad)
-    plan = {
-        "target weights": sum(p.numel() * p.element_size() for p in dec.target.parameters() if not p.requires_grad),
-        "V, U, CI function": 4 * trainable,
-        "gradients and AdamW moments": 12 * trainable,
-        "adversary sources and moments": 12 * pos * (sum(dec.Cs) + len(dec.Cs)) if cfg.adv_coeff else 0,
-        "activations": one + (two - one) * (n_samples(x) - 1),
-    }
+    positions = next(iter(dec.comps.values())).input[0, ..., 0].numel() * n_samples(x)  # per process
+    plan = {"target weights": sum(p.numel() * p.element_size() for p in dec.target.parameters() if not p.requires_grad),
+            "V, U, CI function": 4 * trainable, "gradients and AdamW moments": 12 * trainable,
+            "adversary sources and moments": 12 * positions * (sum(dec.Cs) + len(dec.Cs)) if cfg.adv_coeff else 0,
+            "activations": activations}
     if world_size() > 1:
         plan["gradient all-reduce buffer"] = 4 * trainable  # the flat copy sync_gradients reduces
     plan["total"] = sum(plan.values())
@@ -1076,8 +1096,8 @@ def memory_plan(dec, cfg, x, autocast=nullcontext()) -> dict:
 
 
 def check_memory(plan: dict, device, cfg: Config, verbose=True):
-    """Stop before training when the plan does not fit in 90% of the free memory: on an H100 the plan of
-    pile4l at batch 24 fell 6% short of the peak (62.5 of 66.4 GiB)."""
+    """Print the plan; stop when it does not fit in 90% of the free memory (on an H100 the plan of pile4l
+    at batch 24 fell 6% short of the peak, 62.5 of 66.4 GiB)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the plan's own measurement left blocks in the allocator's cache
         free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)  # the plan counts these
@@ -1088,7 +1108,7 @@ def check_memory(plan: dict, device, cfg: Config, verbose=True):
         free = float("inf")  # no portable way to ask: trust the user
     if verbose:
         print("memory plan per process: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in plan.items())
-              + f" (free: {free / 2**30:.1f} GiB)")
+              + f" (free: {free / 2**30:.1f} GiB" + (")" if device.type == "cuda" else "; activations not measured)"))
     usable = 0.9 * free
     if cfg.memory_check and plan["total"] > usable:
         fixed = plan["total"] - plan["adversary sources and moments"] - plan["activations"]
@@ -1097,22 +1117,6 @@ def check_memory(plan: dict, device, cfg: Config, verbose=True):
         raise SystemExit(f"this run needs about {plan['total'] / 2**30:.1f} GiB per process, more than 90% of the "
                          f"{free / 2**30:.1f} GiB free: lower batch_size (per process) to about {max(fits, 0)}, spread "
                          f"the batch over more GPUs with torchrun{bf16} (--memory_check=False runs anyway)")
-
-
-def step_flops(dec, cfg, x, autocast=nullcontext()) -> int:
-    """FLOPs of one training step on batch x per process, as MFU counts them (matmuls and attention: the
-    losses, the adversary's inner steps, the backward), counted with FlopCounterMode on the first one and
-    two samples and extrapolated linearly (Δ's V U in the faithfulness loss does not grow with the batch)."""
-    def count(xb):
-        device = dec.target_device()
-        with (torch.random.fork_rng([device] if device.type == "cuda" else []), torch.compiler.set_stance("force_eager"),
-              FlopCounterMode(display=False) as counter):
-            losses, _ = training_losses(dec, xb, Adversary(), cfg, cfg.p_start, 0.0, autocast)
-            sum(losses.values()).backward()
-        dec.zero_grad(set_to_none=True)
-        return counter.get_total_flops()
-    one, two = count(first_samples(x, 1)), count(first_samples(x, 2))
-    return one + (two - one) * (n_samples(x) - 1)
 
 
 # dense peak TFLOP/s (bf16 tensor cores, fp32) of common GPUs by name; the first match counts
@@ -1137,7 +1141,75 @@ def peak_memory_gb(device):
 
 
 # -----------------------------------------------------------------------------
-# Entry point: python vpd.py [config.py] [--key=value ...]
+# Appendix D: figures, written to out_dir at the end of a run
+
+def save_figures(dec, truth, out_dir):
+    """Toys: CI on one-hot probes per matrix, and (TMS) the target's feature vectors beside the best
+    subcomponents'. Every run: losses and L0 over training, CI density per matrix, alive counts."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if truth is not None:
+        ci = probe_ci(dec, truth["probes"])
+        fig, axes = plt.subplots(1, len(ci), figsize=(4.5 * len(ci), 3.5), squeeze=False)
+        for ax, (n, g) in zip(axes[0], ci.items()):
+            fire = (g.max(0).values > 0).nonzero()[:, 0]  # columns that never fire are left out
+            im = ax.imshow(g[:, fire], vmin=0, vmax=1, cmap="Blues", aspect="auto", interpolation="nearest")
+            step = max(1, len(fire) // 12)  # at most ~12 labels, each the subcomponent's own index
+            ax.set(title=f"{n}: CI on one-hot probes", xlabel=f"subcomponent ({len(fire)} that fire)", ylabel="feature",
+                   xticks=range(0, len(fire), step), xticklabels=fire[::step].tolist(), yticks=range(len(g)))
+        fig.colorbar(im, ax=axes[0].tolist(), label="CI")
+        fig.savefig(os.path.join(out_dir, "ci_probes.png"), dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    if truth is not None and "features" in truth:
+        path, W = truth["features"]
+        _, _, best = toy_feature_metrics(W, dec.comps[path])
+        comp, lim = dec.comps[path], W.abs().max().item()
+        found = (comp.V[torch.arange(len(best)), best][:, None] * comp.U[best]).detach().cpu()  # [n, d_out]
+        fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+        for ax, vecs, title in ((axes[0], W.T.cpu(), "target W columns"), (axes[1], found, "best subcomponents")):
+            if vecs.shape[1] == 2:
+                for j, v in enumerate(vecs):
+                    ax.arrow(0, 0, v[0], v[1], color=f"C{j % 10}", width=0.01, length_includes_head=True)
+                ax.set(xlim=(-1.1 * lim, 1.1 * lim), ylim=(-1.1 * lim, 1.1 * lim), aspect="equal")
+            else:
+                ax.imshow(vecs.T, cmap="RdBu", vmin=-lim, vmax=lim)
+                ax.set(xlabel="feature", ylabel="hidden dim")
+            ax.set_title(f"{path}: {title}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "features.png"), dpi=120)
+        plt.close(fig)
+    path = os.path.join(out_dir, "metrics.jsonl")
+    records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    logs, evals = [r for r in records if "total" in r], [r for r in records if "l0/total" in r]
+    if not logs:
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(19, 3.6))
+    for key in ("stoch", "adv", "faith"):
+        if key in logs[0]:
+            axes[0].plot([r["step"] for r in logs], [r[key] for r in logs], label=f"L_{key}")
+    axes[0].set(yscale="log", xlabel="step", title="losses")
+    axes[0].legend()
+    groups = sorted({k for r in evals for k in r if k.startswith("l0_layer/")}) or ["l0/total"]
+    for key in groups:
+        axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key.split("/")[-1])
+    axes[1].set(xlabel="step", title="L0 per position (evaluation)")
+    axes[1].legend(fontsize=7)
+    if evals:
+        n = list(dec.comps)
+        axes[2].barh(n, [evals[-1][f"l0/{m}"] for m in n])
+        axes[2].set(title="L0 per matrix (last evaluation)")
+        axes[3].barh(n, [evals[-1][f"alive/{m}"] for m in n], label="alive")
+        axes[3].barh(n, dec.Cs, fill=False, label="C")
+        axes[3].set(title="alive subcomponents of C")
+        axes[3].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "training.png"), dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Appendix E: configurator and entry point: python vpd.py [config.py] [--key=value ...]
 
 def configure(argv: list, *configs):
     """nanoGPT-style configuration onto dataclass instances: config files (plain Python that sets
@@ -1153,7 +1225,8 @@ def configure(argv: list, *configs):
         if kind is float and type(value) is int:
             value = float(value)
         if type(value) is not kind and not (value is None and default is None):  # None: only where it is the default
-            raise SystemExit(f"config key {key!r} in {where} takes a {kind.__name__}, "
+            article = "an" if kind.__name__[0] in "aeiou" else "a"
+            raise SystemExit(f"config key {key!r} in {where} takes {article} {kind.__name__}, "
                              f"got {value!r} ({type(value).__name__})")
         setattr(cfg, key, value)
 
@@ -1179,7 +1252,6 @@ def configure(argv: list, *configs):
 
 
 def main(argv):
-    import models  # the toy and language-model targets, their data and their training
     # the masks, logits and their gradients differ in size between the losses: segments that grow in place
     # instead of cached blocks of fixed sizes leave less memory stranded (set before CUDA starts)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -1188,6 +1260,9 @@ def main(argv):
         print(f"no config file given: using {os.path.relpath(default)}")
         argv = [default, *argv]
     cfg, tcfg = configure(argv, Config(), models.TargetConfig())
+    check_choices(cfg)
+    if not tcfg.model.startswith("hf:"):  # the module patterns, before minutes of training a missing target
+        find_matrices(models.build_model(tcfg), cfg.modules)
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" in os.environ:  # launched by torchrun

@@ -10,11 +10,10 @@ target_path, target_steps = "out/targets/bench_cpu.pt", 0   # the random init is
 modules = {"h.*.attn.q_proj": 64, "h.*.attn.k_proj": 64, "h.*.attn.v_proj": 128, "h.*.attn.o_proj": 128,
            "h.*.mlp.c_fc": 384, "h.*.mlp.down_proj": 448}
 ci_fn, ci_d_model, ci_n_blocks, ci_n_heads, ci_d_mlp = "transformer", 256, 2, 4, 1024
-# the pile-4L losses and coefficients (METHOD.md §8)
+# the pile-4L losses and coefficients
 faith_coeff, imp_coeff, p_start, p_end, beta = 1e7, 2e-4, 2.0, 0.4, 0.5
 stoch_coeff, adv_coeff, recon_loss, adv_steps = 0.5, 0.5, "kl", 2
 lr, lr_final, grad_clip = 5e-5, 0.1, 0.01
 batch_size, steps, faith_warmup_steps = 8, 30, 0
 log_interval, eval_interval, ckpt_interval = 1, 0, 10**9   # one timing per step; the median drops the first
-# compiled CI (with both sigmoids): ~0.43 s/step here vs ~0.46 eager (--compile=False); the first step compiles
-compile = True
+compile = True   # the CI function and sigmoids fused: a little faster per step; the first step compiles

@@ -4,7 +4,7 @@
 # Prints the median ms/step (and tokens/s, TFLOP/s, MFU). Its keys are all older than this file, so that
 # earlier versions of vpd.py run it too.
 #   python vpd.py configs/bench_gpu.py
-#   python vpd.py configs/bench_gpu.py --batch_size=40 --steps=30     # one H200 (about 96 GiB)
+#   python vpd.py configs/bench_gpu.py --batch_size=40 --steps=15     # all one H200 holds (~95 GiB planned)
 # The last step writes a checkpoint of ~10 GB (V, U, the CI transformer, AdamW and adversary state), after the
 # timings: --out_dir=/dev/shm/bench_gpu keeps it off the disk.
 exec(open(__file__.replace("bench_gpu.py", "pile4l.py")).read())  # the recipe

@@ -1,9 +1,10 @@
 # VPD on the small fortunes language model (configs/fortunes_target.py, trained first when missing):
-# the pile-4L recipe (METHOD.md §8) shrunk to fit about 10 minutes on 2 CPU cores.
+# the pile-4L recipe shrunk to a short run on a CPU: same losses, routing and adversary; fewer steps at a
+# higher rate and a stronger sparsity pressure.
 #   python data/fortunes/prepare.py && python vpd.py configs/fortunes.py
 exec(open(__file__.replace("fortunes.py", "fortunes_target.py")).read())  # the target and its data
-# C >= rank (128) for every matrix, so the subcomponents can hold all of W and Δ can vanish (with
-# C = 32 for q, k, the remainder kept ~1e-4 of faithfulness loss in Δ); 2x for the MLP matrices
+# C >= rank (128) for every matrix, so the subcomponents can hold all of W and Δ can vanish (a smaller C
+# leaves part of W in Δ for good); 2x for the MLP matrices, which hold more mechanisms
 modules = {"h.*.attn.q_proj": 128, "h.*.attn.k_proj": 128, "h.*.attn.v_proj": 128, "h.*.attn.o_proj": 128,
            "h.*.mlp.c_fc": 256, "h.*.mlp.down_proj": 256}
 ci_fn, ci_d_model, ci_n_blocks, ci_n_heads, ci_d_mlp = "transformer", 128, 1, 4, 512

@@ -1,10 +1,7 @@
-# The VPD paper's decomposition of the 67M-parameter 4-layer LlamaSimpleMLP trained on the Pile
-# (METHOD.md §8): 38,912 subcomponents over the 24 block matrices, global shared transformer CI.
-#   torchrun --standalone --nproc_per_node=8 vpd.py configs/pile4l.py    # 8 GPUs x 8 sequences
-#   python vpd.py configs/pile4l.py --batch_size=24                       # one 80 GB GPU
-# Memory in bf16, measured on an H100: 11.7 GiB + 2.28 GiB per sequence (batch 24: 66.4 GiB peak, 565
-# ms/step); so 8 x 8 sequences take ~33 GiB per GPU (all-reduce buffer included), and all 64 on one GPU
-# (~158 GiB) fit no GPU.
+# The VPD paper's decomposition of the 67M-parameter 4-layer LlamaSimpleMLP trained on the Pile:
+# 38,912 subcomponents over the 24 block matrices, one global transformer computing every CI.
+#   torchrun --standalone --nproc_per_node=8 vpd.py configs/pile4l.py    # the paper's 64 sequences: 8 GPUs x 8
+#   python vpd.py configs/pile4l.py --batch_size=24                       # one 80 GB GPU (the plan says what fits)
 # Target: Goodfire's pretrained weights from W&B (needs `pip install wandb` and a login), or a local
 # state dict with --target_path=... Data: streamed from the Hub, or --dataset=data/pile after
 # python data/pile/prepare.py for a local, repeatable copy.

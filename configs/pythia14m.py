@@ -1,6 +1,6 @@
 # VPD on EleutherAI's Pythia-14m (GPT-NeoX: 6 layers, d_model 128, 4 heads, MLP 512, trained on the Pile),
-# loaded from the Hugging Face Hub with transformers' AutoModelForCausalLM. The pile-4L recipe (METHOD.md §8)
-# scaled to its size; a starting point for a GPU, not yet a measured result.
+# loaded from the Hugging Face Hub with transformers' AutoModelForCausalLM. The pile-4L recipe scaled to
+# its size; a starting point for a GPU, not a tuned recipe.
 #   pip install transformers==5.24.0 && python vpd.py configs/pythia14m.py
 # Needs: transformers (optional elsewhere); the model (~55 MB) from the Hub, or offline from the local cache
 # (run once online, or `hf download EleutherAI/pythia-14m`; or a save_pretrained directory with
@@ -29,9 +29,8 @@ routing, adv_routing, adv_steps, adv_lr = "uniform_k_subset", "all", 2, 0.01
 # 400k steps at lr 5e-5 in pile-4L; 50k here at a higher rate
 steps, lr, lr_warmup, lr_final, grad_clip = 50_000, 1e-4, 0.0, 0.1, 0.01
 faith_warmup_steps, faith_warmup_lr = 400, 1e-3
-# memory: the plan on a CPU (fp32, without the backward's transients: a lower bound) counts 0.78 GiB of
-# activations per sequence, mostly logits over 50,304 tokens; the plan printed at the start stops a run
-# that cannot fit and says which batch size would (per process)
+# memory: mostly logits over 50,304 tokens; the plan printed at the start stops a run that cannot fit and
+# says which batch size would (per process)
 batch_size = 64 // int(os.environ.get("WORLD_SIZE", 1))   # per process; 64 in all when the world size divides 64
 dtype = "bfloat16"                                          # autocast; Δ and L_faith stay fp32
 eval_interval, eval_batches, eval_adv_steps = 1000, 2, [20]

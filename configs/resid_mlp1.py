@@ -8,11 +8,9 @@ target_path = "out/targets/resid_mlp1.pt"
 target_steps, target_batch_size, target_lr, target_schedule = 1000, 2048, 3e-3, "cosine"
 
 modules = {"layers.*.mlp_in": 100, "layers.*.mlp_out": 100}
-# SPD's coefficient (1e-5 at p = 2), p annealed to 1 and VPD's frequency penalty β 0.5: measured 100
-# mlp_in subcomponents, one per feature (3 of 100 probes switch on a second); mlp_out: 77 alive, ~14 per
-# feature, not the dense 50. With β 0 and p -> 0.4 (3k steps): 99 / 76 alive, L0 4.5 in mlp_in. At SPD's budget
-# (20k steps at 2048, on an H100) this recipe and SPD's both give mlp_in exactly; mlp_out stays sparse (README).
+# SPD's coefficient (1e-5 at p = 2), p annealed only to 1 (lower p splits mlp_out further) and VPD's
+# frequency penalty β, which keeps a subcomponent from staying on for many features
 imp_coeff, p_start, p_end, beta = 1e-5, 2.0, 1.0, 0.5
-steps, batch_size, lr = 8000, 1024, 2e-3     # ~20 min here (SPD: 20k-30k at 2048)
+steps, batch_size, lr = 8000, 1024, 2e-3     # SPD: 20k-30k at 2048; half the batch at a higher rate for a CPU
 eval_interval, log_interval, ckpt_interval = 4000, 500, 2000
 compile = True

@@ -7,5 +7,3 @@ target_path = "out/targets/resid_mlp3.pt"
 target_steps = 10_000
 modules = {"layers.*.mlp_in": 500, "layers.*.mlp_out": 500}   # SPD: C = 500, CI hidden 128
 ci_hidden = 128
-# measured, the whole config on an H100 (35 ms/step; ~3.7 s on a 2-core CPU), seeds 0 / 1: mlp_in 100-104 alive per
-# layer, one subcomponent per feature up to 6-13 probe entries; mlp_out 30-57 alive, ~1.7 on per input, not the dense 17

@@ -6,20 +6,16 @@ target_path = "out/targets/tms_5_2.pt"
 target_batch_size = 1024
 
 modules = {"linear1": 20, "linear2": 20}     # C = 20 > 5: the superfluous subcomponents must die
-# the target is tied (linear2's weight is linear1's transposed), so tie the subcomponents too (METHOD.md §7
-# allows it): untied, only 2 of seeds 0-7 recovered linear1; tied, 7 of 8 at 8k steps and 11 of 12 at 7k (seed 5 fails)
+# the target is tied (linear2's weight is linear1's transposed), so tie the subcomponents too: untied,
+# linear1 is recovered on far fewer seeds
 tie = {"linear2": "linear1"}
 # VPD machinery (vpd.Config's defaults): persistent adversary with 2 inner steps, uniform-k-subset
 # routing, the lower-leaky sigmoid. SPD's recipe: --adv_coeff=0 --routing=layerwise --p_start=1.0 --p_end=1.0
 # SPD's coefficient (3e-3) with VPD's p anneal 2 -> 0.4: p = 1 throughout left features split over
 # two subcomponents after 4k steps; p < 1 at the end makes one subcomponent per feature cheaper.
 imp_coeff, p_start, p_end = 3e-3, 2.0, 0.4
-# batch 2048 recovers better than half the steps at 4096; 7k steps keep a fresh `python vpd.py` under
-# 2 minutes here (8k: 119-120 s) and recover the same 7 of 8 seeds
-# lr 2e-3 (SPD: 1e-3 at batch 4096, 10k+ steps): kept from the first recipe that recovered seed 0; 1e-3 was
-# tried only on untied seed 1, where nothing helped (README)
+# batch 2048 recovers better than half the steps at 4096, and 7k steps as many seeds as 8k; lr 2e-3
+# (SPD: 1e-3 at batch 4096, 10k+ steps) for the shorter run
 steps, batch_size, lr = 7000, 2048, 2e-3
 eval_interval, log_interval, ckpt_interval = 2000, 500, 2000
-# compile the CI function even on a CPU: ~20 s of compilation buys ~30% per step here (measured
-# 8.8-13.2 ms vs 17.3 ms per step at batch 2048), which brings a fresh `python vpd.py` under 2 minutes
-compile = True
+compile = True   # the CI function fused even on a CPU: ~20 s of compilation buys ~30% per step

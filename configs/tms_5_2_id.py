@@ -6,4 +6,4 @@ out_dir = "out/tms_5_2_id"
 identity_layer = True
 target_path = "out/targets/tms_5_2_id.pt"
 modules = {"linear1": 20, "hidden": 20, "linear2": 20}
-steps = 8000  # (SPD: 10k-40k) measured (README): MMCS 0.99992, target-CI error 0 / 0, the identity exactly 2 alive
+steps = 8000  # SPD: 10k-40k
