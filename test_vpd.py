@@ -185,6 +185,9 @@ def test_bad_module_pattern_names_the_problem():
         vpd.install_components(tiny_mlp(), {"linear9": 3})
     with pytest.raises(ValueError, match="two patterns"):
         vpd.install_components(tiny_mlp(), {"0": 3, "[0]": 3})
+    for C in (0, -2, 2.5, True):  # named with its key, not a raw torch error from randn(d_in, C)
+        with pytest.raises(ValueError, match=r"modules\['2'\] = .*positive int"):
+            vpd.install_components(tiny_mlp(), {"0": 3, "2": C})
 
 
 def test_install_keeps_target_state_dict_keys_and_freezes_target():
@@ -479,8 +482,20 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_nan_loss_is_a_clear_error(tmp_path):
     cfg, tcfg, model = toy_run(tmp_path)
     get_batch = models.sparse_features(tcfg, cfg.batch_size, cfg.seed)
-    with pytest.raises(FloatingPointError, match="loss is nan"):
+    with pytest.raises(FloatingPointError, match="loss is nan.*no checkpoint was written yet"):
         vpd.train(cfg, model, lambda split, step: (get_batch(split, step)[0] * float("nan"), None))
+
+
+def test_resuming_with_another_C_or_a_finished_run(tmp_path, capsys):
+    cfg, tcfg, model = toy_run(tmp_path, eval_interval=0)
+    get_batch = models.sparse_features(tcfg, cfg.batch_size, cfg.seed)
+    vpd.train(cfg, model, get_batch)
+    other = dataclasses.replace(cfg, init_from="resume", modules={"linear1": 20, "linear2": 12})
+    with pytest.raises(ValueError, match=r"other C .*'linear2': '\(2, 20\) there, \(2, 12\) here'"):
+        vpd.train(other, toy_run(tmp_path)[2], get_batch)
+    finished = vpd.train(dataclasses.replace(cfg, init_from="resume"), toy_run(tmp_path)[2], get_batch)
+    assert "at step 20 of 20: nothing to train; evaluating it" in capsys.readouterr().out
+    assert finished["step"] == 20 and {"recon/ci", "l0/total", "alive/total"} <= set(finished)  # not `final: {}`
 
 
 def test_non_finite_weights_never_replace_the_last_good_checkpoint(tmp_path):

@@ -576,6 +576,19 @@ def tie_gradients(dec):
         cb.V.grad = cb.U.grad = None
 
 
+def faithfulness_warmup(dec, cfg):
+    """Before the first step of a fresh run: AdamW on V and U with L_faith alone, so that (V U)^T ≈ W
+    before any mask is applied (random V, U would make every masked output noise)."""
+    vu = [p for c in dec.comps.values() for p in (c.V, c.U)]
+    warm = torch.optim.AdamW(vu, lr=cfg.faith_warmup_lr, weight_decay=0)  # freed after: its moments are 8 B/entry
+    for _ in range(cfg.faith_warmup_steps):
+        warm.zero_grad(set_to_none=True)
+        faithfulness_loss(dec.deltas()).backward()
+        tie_gradients(dec)
+        warm.step()
+        dec.tie_weights()
+
+
 def schedules(step: int, cfg: Config):
     """(p, lr, adversary lr) at a step: p linear from p_start to p_end; lr a linear warm-up, then cosine
     decay to lr * lr_final; the adversary's lr a linear warm-up over adv_warmup of the run."""
@@ -608,7 +621,11 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         compile_hot_paths(dec, adversary)
     flops, peak = preflight(dec, cfg, get_batch, autocast, verbose=rank == 0)
     run = RunFiles(cfg, rank, run_config)
-    start = run.resume(dec, opt, adversary) if cfg.init_from == "resume" else run.fresh(dec, cfg)
+    if cfg.init_from == "resume":
+        start = run.resume(dec, opt, adversary)
+    else:
+        start = run.fresh()
+        faithfulness_warmup(dec, cfg)
     if start >= cfg.steps:  # a finished run: nothing to train, but show where it ended
         print(f"{run.ckpt_path} is at step {start} of {cfg.steps}: nothing to train; evaluating it")
         return {"step": start, **evaluate(dec, get_batch, cfg, truth, autocast)}
@@ -901,21 +918,13 @@ class RunFiles:
         self.rank_path = os.path.join(cfg.out_dir, f"ckpt_rank{rank}.pt")
         self.written = None  # the step of the last checkpoint this run wrote or resumed from
 
-    def fresh(self, dec, cfg) -> int:
-        """A new run: set an earlier run's files aside, then the faithfulness warm-up ((V U)^T ≈ W)."""
+    def fresh(self) -> int:
+        """A new run: set an earlier run's files aside (its checkpoint kept, where no resume will take it)."""
         if self.rank == 0 and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)
-        if self.rank == 0 and os.path.exists(self.ckpt_path):  # kept, but where no resume will take it
+        if self.rank == 0 and os.path.exists(self.ckpt_path):
             os.replace(self.ckpt_path, self.ckpt_path + ".prev")
             print(f"a fresh run: the earlier {self.ckpt_path} is now {self.ckpt_path}.prev")
-        vu = [p for c in dec.comps.values() for p in (c.V, c.U)]
-        warm = torch.optim.AdamW(vu, lr=cfg.faith_warmup_lr, weight_decay=0)  # freed after: its moments are 8 B/entry
-        for _ in range(cfg.faith_warmup_steps):
-            warm.zero_grad(set_to_none=True)
-            faithfulness_loss(dec.deltas()).backward()
-            tie_gradients(dec)
-            warm.step()
-            dec.tie_weights()
         return 0
 
     def resume(self, dec, opt, adversary) -> int:
