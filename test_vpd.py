@@ -1338,6 +1338,18 @@ def test_readme_library_snippet_runs_as_written(tmp_path, monkeypatch):
     assert scope["ci"].shape == (64, 48) and scope["masked_out"].shape == scope["target_out"].shape
 
 
+@needs_transformers
+def test_readme_hugging_face_snippet_runs_as_written(tmp_path, monkeypatch):
+    readme = open(os.path.join(os.path.dirname(__file__), "README.md")).read()
+    snippet = re.search(r"## Library use\n.*?```python\n(.*?)```.*?```python\n(.*?)```", readme, re.S).group(2)
+    monkeypatch.chdir(tmp_path)
+    scope = {"torch": torch, "vpd": vpd}  # imported by the first snippet
+    exec(compile(snippet, "README.md", "exec"), scope)
+    metrics = scope["hf_metrics"]
+    assert metrics["step"] == 20 and abs(metrics["ce/ones"] - metrics["ce/target"]) < 0.02 and "ce/ci" in metrics
+    assert os.path.exists(tmp_path / "out/gpt2/ckpt.pt")
+
+
 @pytest.mark.parametrize("name, figures", [("tms_method", ["tms_ci.png"]),
                                            ("language_model", ["lm_training.png", "lm_language_profiles.png"]),
                                            ("editing", ["editing.png", "editing_off_target.png"])])
