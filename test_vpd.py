@@ -1357,7 +1357,8 @@ def test_notebooks_run_headless(name, figures, lm_decomposition, tmp_path):
     """Each notebook runs top to bottom as a script, on a few TMS steps or on the tiny LM fixture."""
     root, data, ckpt = lm_decomposition
     if name == "editing":
-        edit.sweep(edit_config(root, data, ckpt, out_dir=str(tmp_path / "edit"), methods=["one", "lora1_all"]))
+        edit.sweep(edit_config(root, data, ckpt, out_dir=str(tmp_path / "edit"), methods=["one", "lora1_all"],
+                               seeds=[0, 1]))  # several seeds per budget, as in the real sweep
     env = {**os.environ, "NB_OUT": str(tmp_path), "NB_STEPS": "40", "NB_CKPT": ckpt, "NB_DATA": str(data),
            "NB_TOKENIZER": "ids", "NB_WINDOWS": "8", "NB_EDIT": str(tmp_path / "edit")}
     path = os.path.join(os.path.dirname(__file__), "notebooks", f"{name}.py")

@@ -63,8 +63,8 @@ axes[0].set(xscale="log", xlabel="German training tokens", ylabel="German test C
 axes[1].set(xscale="log", xlabel="German training tokens", ylabel="English test CE increase")
 axes[0].legend(fontsize=7)
 # the learned prefactor of the one-scalar edit: the post's winning edit inverted its component (m < 0)
-one = sorted((r["n"], r["prefactors"]) for r in rows if r["method"] == "one")
-axes[2].plot([n for n, _ in one], [list(p.values())[0] for _, p in one], "o")
+one = [(r["n"], list(r["prefactors"].values())[0]) for r in rows if r["method"] == "one"]  # one point per seed
+axes[2].plot([n for n, _ in one], [m for _, m in one], "o")
 axes[2].axhline(0, color="k", lw=0.5)
 axes[2].set(xscale="log", xlabel="German training tokens", ylabel="learned prefactor m",
             title=f"one scalar: {analysis['chosen']}")

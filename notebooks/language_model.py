@@ -6,7 +6,7 @@
 # look at the training curves, how many subcomponents each position needs (L0) per layer, how dense CI
 # is, how many subcomponents are alive, and what single subcomponents do in each language.
 #
-# Needs `python data/fortunes/prepare.py && python vpd.py configs/fortunes.py` first (about 15 minutes on
+# Needs `python data/fortunes/prepare.py && python vpd.py configs/fortunes.py` first (about 12 minutes on
 # 2 CPU cores). Run as a script or cell by cell; figures go to `out/notebooks/`.
 
 # %%
