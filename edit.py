@@ -69,7 +69,7 @@ class EditConfig:
     top_k: int = 16                        # ranked by mean CI on `remove` minus on `keep`; screened one by one
     n_contexts: int = 2                    # top-activating contexts per language and ranked subcomponent
     # §4-5 the edits: every method starts from the unedited model, same optimiser, steps and grid size
-    methods: list = field(default_factory=lambda: ["one", "top", "random", "lora1_all", "lora4_all",
+    methods: list = field(default_factory=lambda: ["one", "top", "only", "random", "lora1_all", "lora4_all",
                                                    "lora1_matrix", "lora4_matrix"])
     budgets: list = field(default_factory=lambda: [2 ** i for i in range(11)])  # supervised tokens to remove
     seeds: list = field(default_factory=lambda: [0, 1, 2])
@@ -441,6 +441,11 @@ class Editing:
             return ScalarEdit(self.components, [analysis["chosen"]])
         if method == "top":
             return ScalarEdit(self.components, [r["key"] for r in analysis["ranked"]])
+        if method == "only":  # every subcomponent labelled "<remove>-only": the decomposition's German parts together
+            only = [k for k, label in analysis["labels"].items() if label == f"{self.cfg.remove}-only"]
+            if not only:
+                raise ValueError(f"method 'only': no subcomponent is labelled {self.cfg.remove}-only")
+            return ScalarEdit(self.components, only)
         if method == "random":  # a control: an alive subcomponent outside the ranked ones, one per seed
             pool = analysis["alive_others"]
             return ScalarEdit(self.components, [pool[torch.randint(len(pool), (1,),
@@ -449,7 +454,7 @@ class Editing:
             rank, where = method[4:].split("_")
             paths = list(self.components) if where == "all" else [analysis["chosen"].rpartition(":")[0]]
             return LoRA(self.target, paths, int(rank), seed)
-        raise ValueError(f"unknown method {method!r}: one, top, random, lora<r>_all, lora<r>_matrix")
+        raise ValueError(f"unknown method {method!r}: one, top, only, random, lora<r>_all, lora<r>_matrix")
 
     def cell(self, method: str, n: int, seed: int, analysis: dict) -> dict:
         """One method at one budget and seed: every grid point trained on the same n tokens, the one chosen
@@ -538,6 +543,8 @@ def sweep(cfg: EditConfig):
         with open(results + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(results + ".tmp", results)
+    for method in cfg.methods:  # an unknown method, or "only" with nothing to edit, fails before any cell
+        ed.edit_for(method, analysis, 0)
     todo = [(m, n, s) for n in cfg.budgets for s in cfg.seeds for m in cfg.methods if (m, n, s) not in done]
     for method, n, seed in tqdm(todo, desc="edits", dynamic_ncols=True):
         row = ed.cell(method, n, seed, analysis)
@@ -603,7 +610,7 @@ def report(cfg: EditConfig, ed: Editing, analysis: dict, rows: list, cost: dict,
               "| --- " * (len(langs) + 5) + "|"]
     for method, s in summary.items():
         for n, v in s["by_n"].items():
-            pf = "; ".join(", ".join(f"{m:.2f}" for m in p.values()) for p in v["prefactors"] if p) if method != "top" else ""
+            pf = "; ".join(", ".join(f"{m:.2f}" for m in p.values()) for p in v["prefactors"] if p) if method == "one" or method == "random" else ""
             lines.append(f"| {method} | {n} | " + " | ".join(f"{v['ce'][l]:.3f}" for l in langs)
                          + f" | {v['damage']:+.3f} | {v['progress']:.0%} | {pf} |")
     lines += ["", "| method | tokens to chance |", "| --- | --- |"]

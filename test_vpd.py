@@ -1173,7 +1173,8 @@ def lm_decomposition(tmp_path_factory):
 def edit_config(root, data, ckpt, **overrides):
     base = dict(ckpt=ckpt, out_dir=str(root / "edit"), data=str(data), tokenizer="ids", seq_len=8,
                 analysis_windows=16, eval_windows=16, top_k=3, n_contexts=1, budgets=[1, 12], seeds=[0], steps=3,
-                keep_batch=2, scalar_lrs=[0.1], lora_lrs=[1e-2], lambdas=[0.5, 2.0], save_budget=12)
+                keep_batch=2, scalar_lrs=[0.1], lora_lrs=[1e-2], lambdas=[0.5, 2.0], save_budget=12,
+                methods=["one", "top", "random", "lora1_all", "lora4_all", "lora1_matrix", "lora4_matrix"])
     return edit.EditConfig(**{**base, **overrides})
 
 
@@ -1265,6 +1266,11 @@ def test_edit_pipeline_end_to_end_resumable_with_choices_on_dev(lm_decomposition
     assert [c[:2] for c in calls] == [("one", 2)]
     # hyper-parameters are chosen on dev: make dev prefer λ = 2 and test prefer λ = 0.5
     ed = edit.Editing(cfg)
+    # "only": one scalar for every subcomponent labelled de-only (this tiny model has none: a clear error)
+    labels = {"h.0.attn.q_proj:1": "de-only", "h.0.attn.q_proj:2": "general", "h.1.mlp.c_fc:5": "de-only"}
+    assert ed.edit_for("only", {"labels": labels}, 0).keys == ["h.0.attn.q_proj:1", "h.1.mlp.c_fc:5"]
+    with pytest.raises(ValueError, match="no subcomponent is labelled de-only"):
+        edit.sweep(dataclasses.replace(cfg, methods=["only"]))
 
     def fake_ce(model, texts, edit_=None, batch=32):
         lam = fake_ce.lam

@@ -8,7 +8,7 @@ languages, remove, keep = ["en", "de", "es", "it"], "de", "en"
 # labels, fixed before any edit: "de-only" when German holds 80% of a subcomponent's mean CI
 analysis_windows, fire_threshold, only_share, pair_share, foreign_share = 200, 0.1, 0.8, 0.8, 0.1
 top_k = 16                                   # Goodfire's top-16
-methods = ["one", "top", "random", "lora1_all", "lora4_all", "lora1_matrix", "lora4_matrix"]
+methods = ["one", "top", "only", "random", "lora1_all", "lora4_all", "lora1_matrix", "lora4_matrix"]
 budgets = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 seeds = [0, 1, 2]
 # the same for every method: Adam from the unedited model, 40 steps, a 2 x 2 grid chosen on the dev
