@@ -610,7 +610,8 @@ def report(cfg: EditConfig, ed: Editing, analysis: dict, rows: list, cost: dict,
               "| --- " * (len(langs) + 5) + "|"]
     for method, s in summary.items():
         for n, v in s["by_n"].items():
-            pf = "; ".join(", ".join(f"{m:.2f}" for m in p.values()) for p in v["prefactors"] if p) if method == "one" or method == "random" else ""
+            pf = ("; ".join(", ".join(f"{m:.2f}" for m in p.values()) for p in v["prefactors"] if p)
+                  if method in ("one", "random") else "")  # many scalars: in results.jsonl
             lines.append(f"| {method} | {n} | " + " | ".join(f"{v['ce'][l]:.3f}" for l in langs)
                          + f" | {v['damage']:+.3f} | {v['progress']:.0%} | {pf} |")
     lines += ["", "| method | tokens to chance |", "| --- | --- |"]

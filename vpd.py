@@ -624,8 +624,9 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     if cfg.init_from == "resume":
         start = run.resume(dec, opt, adversary)
     else:
-        start = run.fresh()
+        run.fresh()
         faithfulness_warmup(dec, cfg)
+        start = 0
     if start >= cfg.steps:  # a finished run: nothing to train, but show where it ended
         print(f"{run.ckpt_path} is at step {start} of {cfg.steps}: nothing to train; evaluating it")
         return {"step": start, **evaluate(dec, get_batch, cfg, truth, autocast)}
@@ -918,14 +919,13 @@ class RunFiles:
         self.rank_path = os.path.join(cfg.out_dir, f"ckpt_rank{rank}.pt")
         self.written = None  # the step of the last checkpoint this run wrote or resumed from
 
-    def fresh(self) -> int:
+    def fresh(self):
         """A new run: set an earlier run's files aside (its checkpoint kept, where no resume will take it)."""
         if self.rank == 0 and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)
         if self.rank == 0 and os.path.exists(self.ckpt_path):
             os.replace(self.ckpt_path, self.ckpt_path + ".prev")
             print(f"a fresh run: the earlier {self.ckpt_path} is now {self.ckpt_path}.prev")
-        return 0
 
     def resume(self, dec, opt, adversary) -> int:
         ckpt = load_checkpoint(self.ckpt_path)
