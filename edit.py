@@ -494,18 +494,9 @@ class Editing:
             if os.path.exists(os.path.join(cfg.data, "meta.json")) else None
         dec_tokens = rc["steps"] * rc["batch_size"] * cfg.decomposition_processes * rc["seq_len"]
         x = self.val[cfg.remove][:rc["batch_size"], :-1]                 # one process's batch, or what there is
-
-        def decomposition_step():
-            vcfg = vpd.Config(**{k: v for k, v in rc.items() if k in {f.name for f in dataclasses.fields(vpd.Config)}})
-            losses, _ = vpd.training_losses(self.dec, x, vpd.Adversary(), vcfg, vcfg.p_start, vcfg.adv_lr)
-            coeffs = {"faith": vcfg.faith_coeff, "imp": vcfg.imp_coeff, "stoch": vcfg.stoch_coeff, "adv": vcfg.adv_coeff}
-            sum(coeffs[k] * v for k, v in losses.items()).backward()
-
-        with torch.enable_grad():
-            self.dec.requires_grad_(True)
-            dec_step = flops_of(decomposition_step)
-            self.dec.zero_grad(set_to_none=True)
-            self.dec.requires_grad_(False)
+        vcfg = vpd.Config(**{k: v for k, v in rc.items() if k in {f.name for f in dataclasses.fields(vpd.Config)}})
+        with torch.enable_grad():  # vpd's own count: the four losses, the adversary's steps, the backward
+            dec_step = vpd.measure_step(self.dec, vcfg, x)[1]
         analysis_flops = flops_of(lambda: component_stats(self.dec, self.val, cfg.fire_threshold))
         xr, yr = budget_batch(self.train, cfg.save_budget, cfg.seq_len, 0, cfg.device)
         one = copy.deepcopy(cfg)

@@ -566,6 +566,12 @@ def training_losses(dec, x, adversary, cfg, p, adv_lr, autocast=nullcontext()):
     return losses, sources
 
 
+def total_loss(losses: dict, cfg: Config):
+    """Step 5: the loss terms weighted by their coefficients, summed in fp32."""
+    coeffs = {"faith": cfg.faith_coeff, "imp": cfg.imp_coeff, "stoch": cfg.stoch_coeff, "adv": cfg.adv_coeff}
+    return sum(coeffs[k] * v.float() for k, v in losses.items())
+
+
 def tie_gradients(dec):
     """Tied matrices: the trained copy gets the gradient of both uses; the follower none, so that the
     optimiser skips it (Decomposition.tie_weights copies it over after the step)."""
@@ -640,8 +646,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         # 1-4: the target, CI, the adversary's inner steps and the four losses
         losses, sources = training_losses(dec, x, adversary, cfg, p, adv_lr, autocast)
         # 5: their weighted sum in fp32; a non-finite one stops every rank before it reaches the weights
-        coeffs = {"faith": cfg.faith_coeff, "imp": cfg.imp_coeff, "stoch": cfg.stoch_coeff, "adv": cfg.adv_coeff}
-        total = sum(coeffs[k] * v.float() for k, v in losses.items())
+        total = total_loss(losses, cfg)
         run.check_finite(total, losses, step)
         # 6-7: one backward gives the parameters' gradients and (through L_adv) the sources'; AdamW on V, U, CI
         opt.zero_grad(set_to_none=True)
