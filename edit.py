@@ -25,6 +25,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -40,6 +41,10 @@ from tqdm import tqdm
 import models
 import vpd
 
+# edit methods: one scalar, the top-k scalars, all "<remove>-only" scalars, a random scalar (a control),
+# LoRA of a given rank on all decomposed matrices or on the chosen subcomponent's matrix alone
+METHOD = re.compile(r"one|top|only|random|lora([1-9][0-9]*)_(all|matrix)")
+METHODS = "one, top, only, random, lora<rank>_all, lora<rank>_matrix"
 NAMES = {"en": "English", "de": "German", "es": "Spanish", "it": "Italian", "fr": "French"}
 
 
@@ -110,13 +115,16 @@ class ScalarEdit(nn.Module):
     def __init__(self, components: dict, keys: list, init: float = 1.0):
         super().__init__()
         self.keys, self.m = list(keys), nn.Parameter(torch.full((len(keys),), float(init)))
-        self.where = {}  # path -> (positions in m, subcomponent indices, V, U)
+        chosen = {}  # path -> (positions in m, subcomponent indices)
         for i, (path, c) in enumerate(parse_key(k, components) for k in keys):
-            ms, cs, _, _ = self.where.get(path, ([], [], None, None))
-            self.where[path] = (ms + [i], cs + [c], components[path]["V"], components[path]["U"])
+            chosen.setdefault(path, ([], []))[0].append(i)
+            chosen[path][1].append(c)
+        # path -> (positions in m, V[:, cs] [d_in, k], U[cs] [k, d_out]): sliced once, only m is trained
+        self.where = {path: (ms, components[path]["V"][:, cs], components[path]["U"][cs])
+                      for path, (ms, cs) in chosen.items()}
 
     def factors(self) -> dict:
-        return {path: (V[:, cs] * (self.m[ms] - 1), U[cs]) for path, (ms, cs, V, U) in self.where.items()}
+        return {path: (V * (self.m[ms] - 1), U) for path, (ms, V, U) in self.where.items()}
 
     def prefactors(self) -> dict:
         return dict(zip(self.keys, self.m.tolist()))
@@ -165,8 +173,9 @@ def bake(edit: nn.Module, model: nn.Module) -> nn.Module:
 
 
 def load_decomposition(path: str, device="cpu"):
-    """A vpd.py checkpoint -> (the plain target, its Decomposition on a copy of it, the target's config).
-    The plain target is what edits are applied to and saved from; the decomposition gives CI."""
+    """A vpd.py checkpoint -> (the plain target, its Decomposition on a copy of it, {path: {"V", "U"}},
+    the target's config, the decomposition's config). The plain target is what edits are applied to and
+    saved from; the decomposition gives CI."""
     ckpt = vpd.load_checkpoint(path, keys=("config", "components", "target", "ci_fn"))  # no optimizer needed
     known = {f.name for f in dataclasses.fields(models.TargetConfig)}
     tcfg = models.TargetConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
@@ -179,7 +188,7 @@ def load_decomposition(path: str, device="cpu"):
     vpd.load_decomposition_state(dec, ckpt, path)
     dec.to(device).eval()
     components = {n: {"V": c.V.detach(), "U": c.U.detach()} for n, c in dec.comps.items()}
-    return target, dec, components, tcfg, ckpt["config"]
+    return target, dec, components, tcfg, cfg
 
 
 # -----------------------------------------------------------------------------
@@ -380,16 +389,14 @@ class Editing:
         if cfg.device == "auto":
             cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.cfg = cfg
-        self.target, self.dec, self.components, self.tcfg, self.run_config = load_decomposition(cfg.ckpt, cfg.device)
+        self.target, self.dec, self.components, self.tcfg, self.vcfg = load_decomposition(cfg.ckpt, cfg.device)
         if self.tcfg.model != "llama_simple_mlp" and not self.tcfg.model.startswith("hf:"):
             raise ValueError(f"{cfg.ckpt} decomposes a {self.tcfg.model!r} model; task 'language' edits a language "
                              "model (task='tms' edits TMS)")
         for lang in (cfg.remove, cfg.keep):
             if lang not in cfg.languages:
                 raise ValueError(f"{lang!r} must be one of languages={cfg.languages}")
-        with torch.no_grad():  # the output vocabulary: what the logits span (an HF model's padded rows included)
-            one_token = torch.zeros(1, 1, dtype=torch.long, device=cfg.device)
-            self.vocab = vpd.output_logits(self.target(one_token)).shape[-1]
+        self.vocab = self.tcfg.vocab_size  # what the logits span (an hf: model's padded rows included)
         self.chance = math.log(self.vocab)  # the uniform distribution's CE
         T, device = cfg.seq_len, cfg.device
         text = {lang: load_language(cfg, lang) for lang in cfg.languages}
@@ -423,7 +430,8 @@ class Editing:
         counts = {}
         for key, label in zip(keys, labels):
             path = key.rpartition(":")[0]
-            counts.setdefault(path, {})[label] = counts.setdefault(path, {}).get(label, 0) + 1
+            per_path = counts.setdefault(path, {})
+            per_path[label] = per_path.get(label, 0) + 1
         contexts = top_contexts(self.dec, self.val, top, decode, cfg.n_contexts)
         ranked = [{"key": keys[i], "label": labels[i], "score": score[i].item(),
                    "mean_ci": dict(zip(cfg.languages, mean[:, i].tolist())),
@@ -450,11 +458,11 @@ class Editing:
             pool = analysis["alive_others"]
             return ScalarEdit(self.components, [pool[torch.randint(len(pool), (1,),
                                                                    generator=torch.Generator().manual_seed(seed)).item()]])
-        if method.startswith("lora"):  # lora<rank>_all or lora<rank>_matrix (the chosen subcomponent's matrix)
-            rank, where = method[4:].split("_")
-            paths = list(self.components) if where == "all" else [analysis["chosen"].rpartition(":")[0]]
-            return LoRA(self.target, paths, int(rank), seed)
-        raise ValueError(f"unknown method {method!r}: one, top, only, random, lora<r>_all, lora<r>_matrix")
+        lora = METHOD.fullmatch(method)
+        if lora and lora[1]:
+            paths = list(self.components) if lora[2] == "all" else [analysis["chosen"].rpartition(":")[0]]
+            return LoRA(self.target, paths, int(lora[1]), seed)
+        raise ValueError(f"unknown method {method!r}: {METHODS}")
 
     def cell(self, method: str, n: int, seed: int, analysis: dict) -> dict:
         """One method at one budget and seed: every grid point trained on the same n tokens, the one chosen
@@ -465,7 +473,6 @@ class Editing:
         grid = []
         for lr in lrs:
             for lam in cfg.lambdas:
-                torch.manual_seed(seed)
                 edit = train_edit(self.target, self.edit_for(method, analysis, seed), x, y, self.keep, lr, lam,
                                   self.chance, cfg)
                 dev = ce_by_language(self.target, self.dev, edit)
@@ -489,23 +496,21 @@ class Editing:
 
     def cost(self, analysis) -> dict:
         """German tokens and FLOPs: the decomposition (its training steps), its analysis, and one edit."""
-        cfg, rc = self.cfg, self.run_config
+        cfg, vcfg = self.cfg, self.vcfg
         share = json.load(open(os.path.join(cfg.data, "meta.json"))).get("train_share", {}).get(cfg.remove) \
             if os.path.exists(os.path.join(cfg.data, "meta.json")) else None
-        dec_tokens = rc["steps"] * rc["batch_size"] * cfg.decomposition_processes * rc["seq_len"]
-        x = self.val[cfg.remove][:rc["batch_size"], :-1]                 # one process's batch, or what there is
-        vcfg = vpd.Config(**{k: v for k, v in rc.items() if k in {f.name for f in dataclasses.fields(vpd.Config)}})
+        dec_tokens = vcfg.steps * vcfg.batch_size * cfg.decomposition_processes * self.tcfg.seq_len
+        x = self.val[cfg.remove][:vcfg.batch_size, :-1]                  # one process's batch, or what there is
         with torch.enable_grad():  # vpd's own count: the four losses, the adversary's steps, the backward
             dec_step = vpd.measure_step(self.dec, vcfg, x)[1]
         analysis_flops = flops_of(lambda: component_stats(self.dec, self.val, cfg.fire_threshold))
         xr, yr = budget_batch(self.train, cfg.save_budget, cfg.seq_len, 0, cfg.device)
-        one = copy.deepcopy(cfg)
-        one.steps = 1
+        one = dataclasses.replace(cfg, steps=1)
         edit_step = flops_of(lambda: train_edit(self.target, self.edit_for("one", analysis, 0), xr, yr,
                                                 self.keep, 0.1, 1.0, self.chance, one))
         grid = len(cfg.scalar_lrs) * len(cfg.lambdas)
         return {"decomposition_tokens": dec_tokens, "decomposition_remove_tokens": dec_tokens * share if share else None,
-                "decomposition_flops": dec_step * rc["steps"] * rc["batch_size"] * cfg.decomposition_processes / len(x),
+                "decomposition_flops": dec_step * vcfg.steps * vcfg.batch_size * cfg.decomposition_processes / len(x),
                 "analysis_tokens": sum(w[:, :-1].numel() for w in self.val.values()),
                 "analysis_remove_tokens": self.val[cfg.remove][:, :-1].numel(), "analysis_flops": analysis_flops,
                 "edit_remove_tokens": cfg.save_budget, "edit_flops": edit_step * cfg.steps * grid,
@@ -513,6 +518,9 @@ class Editing:
 
 
 def sweep(cfg: EditConfig):
+    unknown = [m for m in cfg.methods if not METHOD.fullmatch(m)]
+    if unknown:  # before minutes of loading text and analysing components
+        raise ValueError(f"unknown methods {unknown}: {METHODS}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     ed = Editing(cfg)
     decode = token_decoder(cfg, ed.vocab)
@@ -534,7 +542,7 @@ def sweep(cfg: EditConfig):
         with open(results + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(results + ".tmp", results)
-    for method in cfg.methods:  # an unknown method, or "only" with nothing to edit, fails before any cell
+    for method in cfg.methods:  # "only" with nothing labelled fails before any cell
         ed.edit_for(method, analysis, 0)
     todo = [(m, n, s) for n in cfg.budgets for s in cfg.seeds for m in cfg.methods if (m, n, s) not in done]
     for method, n, seed in tqdm(todo, desc="edits", dynamic_ncols=True):
@@ -671,7 +679,7 @@ def continuations(cfg: EditConfig, ed: Editing, decode, n_prompts=2, prompt_len=
 def tms_demo(cfg: EditConfig):
     """Suppress, invert and amplify the subcomponent of one TMS feature, and show that only inputs with
     that feature move; then train its scalar against a rank-1 LoRA on a few examples."""
-    target, dec, components, tcfg, run_config = load_decomposition(cfg.ckpt)  # a toy: the CPU
+    target, dec, components, tcfg, _ = load_decomposition(cfg.ckpt)  # a toy: the CPU
     if tcfg.model != "tms":
         raise ValueError(f"{cfg.ckpt} decomposes a {tcfg.model!r} model; task 'tms' edits a TMS decomposition")
     j, n_features = cfg.feature, tcfg.n_features

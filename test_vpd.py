@@ -1018,6 +1018,9 @@ def test_hf_config_path_loads_a_local_model_offline(tmp_path, monkeypatch, capsy
               "--eval_adv_steps=[0]"])
     assert "final: " in capsys.readouterr().out
     assert [r["step"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "recon/ci" in r] == [2]
+    for recorded in (json.load(open(tmp_path / "run" / "config.json")),
+                     torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["config"]):
+        assert recorded["vocab_size"] == HF_VOCAB  # the model's own (edit.py reads it), not the default 50277
     with pytest.raises(SystemExit, match="(?s)'vpd-tests/missing'.*hf download vpd-tests/missing"):
         models.hf_causal_lm("vpd-tests/missing")  # not in the cache, and the tests run offline
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
@@ -1293,6 +1296,9 @@ def test_edit_bad_input_is_a_clear_error(lm_decomposition, tmp_path):
         edit.ScalarEdit(comps, ["h.0.mlp.c_fc:6"])
     with pytest.raises(FileNotFoundError, match="val_en.bin is missing"):
         edit.Editing(edit_config(root, tmp_path, ckpt))
+    for typo in ("lora4", "lora_all", "lora4_foo", "ones"):  # named before any text is read (no ckpt needed)
+        with pytest.raises(ValueError, match=rf"unknown methods \['{typo}'\]: one, top"):
+            edit.sweep(edit_config(root, tmp_path, "missing.pt", methods=["one", typo]))
     cfg, tcfg, model = toy_run(tmp_path, steps=2, eval_interval=0)
     vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed),
               run_config={**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)})

@@ -259,15 +259,6 @@ class SubcomponentMLPs(nn.Module):
         return (hidden * self.W2).sum(-1) + self.b2                            # [..., ΣC]
 
 
-def rope(x, base=10000.0):
-    """Rotary position embedding, half-split pairs (i, i + D/2). x [B, H, T, D]."""
-    T, D = x.shape[-2:]
-    freqs = base ** (-torch.arange(D // 2, device=x.device, dtype=torch.float32) / (D // 2))
-    angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freqs  # [T, D/2]
-    x1, x2 = x.float().chunk(2, -1)
-    return torch.cat([x1 * angles.cos() - x2 * angles.sin(), x2 * angles.cos() + x1 * angles.sin()], -1).type_as(x)
-
-
 class Block(nn.Module):
     """Pre-norm bidirectional transformer block: RoPE attention over all positions, then a GELU MLP."""
 
@@ -282,7 +273,7 @@ class Block(nn.Module):
     def forward(self, x):  # [B, T, d]
         B, T, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(rope(q), rope(k), v)                    # [B, H, T, D]
+        y = F.scaled_dot_product_attention(models.rope(q), models.rope(k), v)      # [B, H, T, D]
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))
         return x + self.mlp(self.norm2(x))
 
@@ -582,10 +573,9 @@ def tie_gradients(dec):
         cb.V.grad = cb.U.grad = None
 
 
-def faithfulness_warmup(dec, cfg):
-    """Before the first step of a fresh run: AdamW on V and U with L_faith alone, so that (V U)^T ≈ W
+def faithfulness_warmup(dec, vu: list, cfg):
+    """Before the first step of a fresh run: AdamW on V and U (vu) with L_faith alone, so that (V U)^T ≈ W
     before any mask is applied (random V, U would make every masked output noise)."""
-    vu = [p for c in dec.comps.values() for p in (c.V, c.U)]
     warm = torch.optim.AdamW(vu, lr=cfg.faith_warmup_lr, weight_decay=0)  # freed after: its moments are 8 B/entry
     for _ in range(cfg.faith_warmup_steps):
         warm.zero_grad(set_to_none=True)
@@ -631,7 +621,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         start = run.resume(dec, opt, adversary)
     else:
         run.fresh()
-        faithfulness_warmup(dec, cfg)
+        faithfulness_warmup(dec, vu, cfg)
         start = 0
     if start >= cfg.steps:  # a finished run: nothing to train, but show where it ended
         print(f"{run.ckpt_path} is at step {start} of {cfg.steps}: nothing to train; evaluating it")
@@ -1287,13 +1277,13 @@ def main(argv):
         torch.cuda.set_device(cfg.device)
     if cfg.compile is None:
         cfg.compile = cfg.device.startswith("cuda")
-    run_config = {**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)}
+    target, get_batch, truth = models.build(tcfg, cfg)
+    run_config = {**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)}  # after build: an hf: model sets vocab_size
     if rank == 0:
         print(json.dumps(run_config, indent=1))
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(run_config, f, indent=1)
-    target, get_batch, truth = models.build(tcfg, cfg)
     metrics = train(cfg, target, get_batch, truth, run_config)
     if rank == 0:
         print("final: " + json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))

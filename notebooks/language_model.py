@@ -21,7 +21,6 @@ import matplotlib
 if "ipykernel" not in sys.modules:
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import torch
 
 import edit
 
@@ -30,7 +29,7 @@ DATA = os.environ.get("NB_DATA", os.path.join(ROOT, "data", "fortunes"))
 OUT = os.environ.get("NB_OUT", os.path.join(ROOT, "out", "notebooks"))
 TOKENIZER = os.environ.get("NB_TOKENIZER", "gpt2")
 os.makedirs(OUT, exist_ok=True)
-target, dec, components, tcfg, run_config = edit.load_decomposition(CKPT)
+target, dec, components, tcfg, _ = edit.load_decomposition(CKPT)
 print(f"{len(components)} decomposed matrices, {sum(c['V'].shape[1] for c in components.values())} subcomponents")
 
 # %% [markdown]
@@ -91,7 +90,7 @@ print("labels:", dict(sorted(counts.items(), key=lambda kv: -kv[1])))
 
 # %%
 keys = [f"{n}:{c}" for n, comp in components.items() for c in range(comp["V"].shape[1])]
-decode = edit.token_decoder(cfg, target.lm_head.weight.shape[0])
+decode = edit.token_decoder(cfg, tcfg.vocab_size)
 L = cfg.languages.index
 top = (mean[L("de")] - mean[L("en")]).topk(5).indices.tolist()
 fig, ax = plt.subplots(figsize=(7, 3))

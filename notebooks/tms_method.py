@@ -23,7 +23,6 @@ if "ipykernel" not in sys.modules:
     matplotlib.use("Agg")  # run as a script: save the figures, show nothing
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
 
 import edit
 import models
