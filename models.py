@@ -313,14 +313,19 @@ def toy_truth(tcfg: TargetConfig, model: nn.Module, device) -> dict:
     return {"probes": probes, "patterns": patterns}
 
 
+def warmup_cosine(step: int, lr: float, warmup: int, steps: int, final: float) -> float:
+    """A linear warm-up over `warmup` steps, then cosine decay from lr to lr * final at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def target_lr_at(tcfg: TargetConfig, step: int) -> float:
-    if step < tcfg.target_warmup:
-        return tcfg.target_lr * (step + 1) / tcfg.target_warmup
-    if tcfg.target_schedule == "constant":
+    if tcfg.target_schedule == "constant" and step >= tcfg.target_warmup:
         return tcfg.target_lr
     final = 0.1 if tcfg.model == "llama_simple_mlp" else 0.0
-    progress = (step - tcfg.target_warmup) / max(1, tcfg.target_steps - tcfg.target_warmup)
-    return tcfg.target_lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(step, tcfg.target_lr, tcfg.target_warmup, tcfg.target_steps, final)
 
 
 def train_target(tcfg: TargetConfig, path: str, device="cpu", dtype="float32", compile=False) -> nn.Module:

@@ -455,6 +455,12 @@ def test_evaluation_does_not_change_the_training_run(tmp_path):
     assert len(runs[0]) == 12 and runs[0] == runs[1]
 
 
+def test_no_evaluation_adversary_when_eval_adv_steps_is_empty(tmp_path):
+    cfg, tcfg, model = toy_run(tmp_path, eval_adv_steps=[], steps=10, eval_interval=10)
+    metrics = vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed))
+    assert "recon/ci" in metrics and not any(k.startswith("recon/adv") for k in metrics)
+
+
 def test_tied_matrices_stay_transposes_of_each_other(tmp_path):
     """TMS's linear2 weight is linear1's transposed; tied, linear2's V, U must remain linear1's U, V
     transposed through the warm-up, AdamW with clipping and the adversary, bit for bit."""

@@ -447,13 +447,11 @@ def stochastic_recon_loss(dec, x, target_out, ci, cfg):
     of M passes that mask one matrix at a time."""
     M = len(dec.comps)
     u = torch.rand(*ci.shape[:-1], ci.shape[-1] + M, device=ci.device)
-    if cfg.routing == "all":
-        return dec.recon(dec.masked(x, dec.masks(ci, u)), target_out, cfg.recon_loss)
-    if cfg.routing == "uniform_k_subset":
-        masks = dec.masks(ci, u, uniform_k_subset(ci.shape[:-1], M, ci.device))
-        return dec.recon(dec.masked(x, masks), target_out, cfg.recon_loss)
-    masks = dec.masks(ci, u)  # "layerwise"
+    routed = uniform_k_subset(ci.shape[:-1], M, ci.device) if cfg.routing == "uniform_k_subset" else None
+    masks = dec.masks(ci, u, routed)
     every = dec.recon(dec.masked(x, masks), target_out, cfg.recon_loss)
+    if cfg.routing != "layerwise":
+        return every
     each = [dec.recon(dec.masked(x, {n: masks[n]}), target_out, cfg.recon_loss) for n in masks]
     return every + sum(each) / len(each)
 
@@ -510,6 +508,8 @@ def eval_adversary(dec, x, target_out, ci, cfg, milestones, step_size=0.1):
     """The evaluation adversary: one source [1, ..., 1, ΣC + M] shared by the whole batch and all
     positions (it must find systematic failures, not exploit noise), sign-gradient ascent.
     Returns {n_steps: loss after n_steps} for each milestone."""
+    if not milestones:  # eval_adv_steps = []: no evaluation adversary
+        return {}
     ci = ci.detach()
     sources = torch.rand(*[1] * (ci.dim() - 1), ci.shape[-1] + len(dec.comps), device=ci.device)
     found = {}
@@ -589,10 +589,7 @@ def schedules(step: int, cfg: Config):
     """(p, lr, adversary lr) at a step: p linear from p_start to p_end; lr a linear warm-up, then cosine
     decay to lr * lr_final; the adversary's lr a linear warm-up over adv_warmup of the run."""
     p = cfg.p_start + (cfg.p_end - cfg.p_start) * step / max(1, cfg.steps - 1)
-    warmup = int(cfg.lr_warmup * cfg.steps)
-    progress = (step - warmup) / max(1, cfg.steps - warmup)
-    lr = (cfg.lr * (step + 1) / warmup if step < warmup else
-          cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))))
+    lr = models.warmup_cosine(step, cfg.lr, int(cfg.lr_warmup * cfg.steps), cfg.steps, cfg.lr_final)
     return p, lr, cfg.adv_lr * min(1.0, (step + 1) / max(1.0, cfg.adv_warmup * cfg.steps))
 
 
@@ -650,7 +647,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         # 8: the adversary's outer step, with the gradient the main backward left on the sources
         if cfg.adv_coeff:
             adversary.ascend(sources.grad.div_(cfg.adv_coeff), adv_lr)
-            sources = None  # its gradient [*positions, ΣC + M] would live on through the next step's losses
+            sources.grad = None  # [*positions, ΣC + M]: the step's graph keeps `sources` alive into the next step
         # log, checkpoint (before evaluating: a failed evaluation must not cost the steps), evaluate
         done = step + 1
         timer.positions += dec.n_positions() * world_size()
