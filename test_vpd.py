@@ -1324,7 +1324,7 @@ def test_pile4l_edit_config_on_a_tiny_stand_in(lm_decomposition, tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(tmp_path / "tokenizer")
     sources = {}
-    for i, lang in enumerate(LANGS):
+    for i, lang in enumerate(LANGS + ["fr"]):  # the config adds French to the demo's languages
         (tmp_path / lang).mkdir()
         letters = chars[6 * i:6 * i + 6]
         with open(tmp_path / lang / "train.jsonl", "w") as f:
@@ -1338,7 +1338,7 @@ def test_pile4l_edit_config_on_a_tiny_stand_in(lm_decomposition, tmp_path):
                             "--keep_batch=2", "--save_budget=2", "--device='cpu'"], edit.EditConfig())
     assert cfg.tokenizer.startswith("hf:") and cfg.decomposition_processes == 8 and cfg.keep_windows == 32  # the config
     ed = edit.Editing(cfg)
-    assert all(ed.test[lang].max() < 32 for lang in LANGS) and ed.chance == pytest.approx(math.log(32))
+    assert all(ed.test[lang].max() < 32 for lang in LANGS + ["fr"]) and ed.chance == pytest.approx(math.log(32))
     edit.sweep(cfg)
     assert len(open(tmp_path / "out" / "results.jsonl").readlines()) == 2
     assert "[[" in open(tmp_path / "out" / "summary.md").read()        # decoded top-activating contexts

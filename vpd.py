@@ -23,7 +23,8 @@ Sections, in the order of the method:
     Appendix       plumbing: A data parallelism, B checkpoints and resume, C memory plan and FLOPs,
                    D figures, E configurator and entry point
 Left out on purpose: gradient accumulation, weight tying beyond transposed pairs, decomposing embeddings,
-W&B logging (metrics.jsonl instead), mixed-precision other than bf16 autocast, and SPD's shared-MLP CI.
+W&B logging (metrics.jsonl instead), mixed-precision other than bf16 autocast, SPD's shared-MLP CI, and
+SPD's sigmoid with negative forward values (VPD's lower-leaky one serves SPD-style runs too).
 """
 import ast
 import dataclasses

@@ -7,6 +7,7 @@ exec(open(__file__.replace("_pile4l.py", "_fortunes.py")).read())  # methods, bu
 ckpt = "out/pile4l/ckpt.pt"
 out_dir = "out/edit_pile4l"
 tokenizer, seq_len = "hf:EleutherAI/gpt-neox-20b", 512
+languages = ["en", "de", "es", "it", "fr"]    # French too: the paper's edit spared it, and Spanish, not Italian
 sources = {lang: f"wikimedia/wikipedia:20231101.{lang}" for lang in languages}
 split_tokens = 400_000                       # per split and language: 200 analysis windows of 513 need 103k
 keep_batch, keep_windows = 8, 32           # 32 windows of 512 tokens: 3.3 GB of cached logits

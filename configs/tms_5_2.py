@@ -10,7 +10,8 @@ modules = {"linear1": 20, "linear2": 20}     # C = 20 > 5: the superfluous subco
 # linear1 is recovered on far fewer seeds
 tie = {"linear2": "linear1"}
 # VPD machinery (vpd.Config's defaults): persistent adversary with 2 inner steps, uniform-k-subset
-# routing, the lower-leaky sigmoid. SPD's recipe: --adv_coeff=0 --routing=layerwise --p_start=1.0 --p_end=1.0
+# routing, the lower-leaky sigmoid. SPD's losses instead: --adv_coeff=0 --routing=layerwise --p_start=1.0
+# --p_end=1.0 (the sigmoid stays lower-leaky: SPD's negative forward values are not implemented)
 # SPD's coefficient (3e-3) with VPD's p anneal 2 -> 0.4: p = 1 throughout left features split over
 # two subcomponents after 4k steps; p < 1 at the end makes one subcomponent per feature cheaper.
 imp_coeff, p_start, p_end = 3e-3, 2.0, 0.4
