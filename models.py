@@ -114,13 +114,14 @@ class ResidualMLP(nn.Module):
 
 def rope(x, base=10000.0):
     """Rotary position embedding over the whole head, half-split pairs (i, i + D/2), as Goodfire's
-    checkpoints were trained with. x [B, H, T, D]."""
+    checkpoints were trained with: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). x [B, H, T, D]."""
     T, D = x.shape[-2:]
     freqs = base ** (-torch.arange(D // 2, device=x.device, dtype=torch.float32) / (D // 2))
     angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freqs  # [T, D/2]
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.float().chunk(2, -1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).type_as(x)
+    cos, sin = angles.cos().repeat(1, 2), torch.cat([-angles.sin(), angles.sin()], -1)  # [T, D]
+    # written with x.roll = (x2, x1): two products and no cat of the halves, ~3% of the CPU benchmark's step
+    xf = x.float()
+    return torch.addcmul(xf * cos, xf.roll(D // 2, -1), sin).type_as(x)
 
 
 class Attention(nn.Module):
