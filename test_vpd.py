@@ -351,6 +351,25 @@ def test_evaluation_scores_dense_patterns_both_ways(monkeypatch):
     assert (("dense", 2), (5, 4)) in calls and (("dense_count", 2), (5, 4)) in calls  # k = n_hidden, on `hidden`
 
 
+def test_evaluation_metrics_under_ci_masks_by_hand():
+    """recon/ci, hidden_mse/ci/<matrix> and l0/<matrix> of one batch, recomputed from V, U and the CI:
+    under CI masks (δ = 0) each matrix computes ((x V) ⊙ g) U + b on its masked input."""
+    dec, cfg = decomposition(eval_adv_steps=[])
+    x = torch.randn(16, 4)
+    metrics, ci = vpd.evaluate_batch(dec, x, None, cfg)
+    g0, g2 = dec.split(ci).values()
+    (W0, b0), (W2, b2) = ((c.W, c.bias) for c in dec.comps.values())
+    V0, U0, V2, U2 = dec.comps["0"].V, dec.comps["0"].U, dec.comps["2"].V, dec.comps["2"].U
+    with torch.no_grad():
+        target0, out0 = x @ W0.T + b0, ((x @ V0) * g0) @ U0 + b0
+        target2, out2 = target0.relu() @ W2.T + b2, ((out0.relu() @ V2) * g2) @ U2 + b2
+    assert metrics["hidden_mse/ci/0"] == pytest.approx((out0 - target0).pow(2).mean().item(), rel=1e-5)
+    assert metrics["hidden_mse/ci/2"] == pytest.approx((out2 - target2).pow(2).mean().item(), rel=1e-5)
+    assert metrics["recon/ci"] == pytest.approx(metrics["hidden_mse/ci/2"], rel=1e-6)  # layer 2 is the output
+    assert metrics["l0/0"] == pytest.approx((g0 > cfg.ci_threshold).sum(-1).float().mean().item())
+    assert "recon/adv20" not in metrics and metrics["recon/ones"] > 0  # all ones, δ = 0: Δ is missing
+
+
 def test_mmcs_ml2r_of_an_exact_decomposition():
     W = torch.randn(2, 5)  # TMS linear1.weight [n_hidden, n_features]
     comp = vpd.Components(nn.Linear(5, 2, bias=False), C=7)
