@@ -678,7 +678,8 @@ def continuations(cfg: EditConfig, ed: Editing, decode, n_prompts=2, prompt_len=
 
 def tms_demo(cfg: EditConfig):
     """Suppress, invert and amplify the subcomponent of one TMS feature, and show that only inputs with
-    that feature move; then train its scalar against a rank-1 LoRA on a few examples."""
+    that feature move; then train its scalar against a rank-1 LoRA on a few examples. Returns the edited
+    subcomponent's key, {m: output change [probe, output]} and the rows (n, method, energy left, change)."""
     target, dec, components, tcfg, _ = load_decomposition(cfg.ckpt)  # a toy: the CPU
     if tcfg.model != "tms":
         raise ValueError(f"{cfg.ckpt} decomposes a {tcfg.model!r} model; task 'tms' edits a TMS decomposition")
@@ -752,6 +753,7 @@ def tms_demo(cfg: EditConfig):
     axes[3].legend()
     fig.savefig(os.path.join(cfg.out_dir, "tms_edit.png"), dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return key, moved, rows
 
 
 # -----------------------------------------------------------------------------

@@ -124,6 +124,29 @@ def test_routing_reproduces_target_where_unrouted():
     torch.testing.assert_close(out[:3], only_first, atol=1e-5, rtol=1e-5)
 
 
+def test_layerwise_stochastic_loss_by_hand():
+    """SPD's routing: the all-matrices pass plus the mean of one pass per matrix, each masking that matrix
+    alone with the same sample (the other matrix keeps its own weight), written out layer by layer."""
+    dec, cfg = decomposition(routing="layerwise")
+    (W0, b0), (W2, b2) = ((c.W, c.bias) for c in dec.comps.values())
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        target = dec(x)
+        ci = torch.rand(5, 12)
+        torch.manual_seed(3)
+        loss = vpd.stochastic_recon_loss(dec, x, target, ci, cfg)
+        torch.manual_seed(3)
+        u = torch.rand(5, 14)  # the sample the loss drew: ΣC mask channels, then δ per matrix
+        m0, m2 = ci[:, :5] + (1 - ci[:, :5]) * u[:, :5], ci[:, 5:] + (1 - ci[:, 5:]) * u[:, 5:12]
+        d0, d2 = u[:, 12:13], u[:, 13:14]
+        layer0 = lambda h: ((h @ dec.comps["0"].V) * (m0 - d0)) @ dec.comps["0"].U + d0 * (h @ W0.T) + b0
+        layer2 = lambda h: ((h @ dec.comps["2"].V) * (m2 - d2)) @ dec.comps["2"].U + d2 * (h @ W2.T) + b2
+        mse = lambda out: (out - target).pow(2).mean()
+        every = mse(layer2(layer0(x).relu()))
+        only0, only2 = mse(layer0(x).relu() @ W2.T + b2), mse(layer2((x @ W0.T + b0).relu()))
+    assert loss.item() == pytest.approx((every + (only0 + only2) / 2).item(), rel=1e-5)
+
+
 def test_masks_from_ci_and_source():
     dec, _ = decomposition()  # matrices "0" (C 5) and "2" (C 7)
     ci, source = torch.rand(4, 12), torch.rand(4, 14)
@@ -578,6 +601,64 @@ def test_short_run_recovers_tms_5_2(tmp_path):
     assert vpd.target_ci_error(vpd.probe_ci(dec, truth["probes"])["linear2"], ("identity", 5), tol=0.3) == 0
     for figure in ("ci_probes.png", "features.png", "training.png"):
         assert os.path.exists(tmp_path / figure)
+    # edit.py's toy edit on this decomposition: rescaling feature 0's subcomponent moves feature 0's output
+    # alone; its trained scalar leaves inputs without feature 0 as they were, however few examples it saw
+    import edit
+    key, moved, rows = edit.tms_demo(edit.EditConfig(task="tms", ckpt=str(tmp_path / "ckpt.pt"),
+                                                     out_dir=str(tmp_path / "edit"), tms_budgets=[1, 4]))
+    assert key.startswith("linear1:") and moved[0.0][0, 0] < -0.3 and moved[2.0][0, 0] > 0.3
+    assert all(moved[m][1:].abs().max() < 0.1 for m in moved)
+    change = {(n, name): hurt for n, name, _, hurt in rows}
+    assert all(change[n, "scalar"] < 1e-3 and change[n, "scalar"] < change[n, "rank-1 LoRA"] for n in (1, 4))
+    assert os.path.exists(tmp_path / "edit" / "tms_edit.png")
+
+
+def test_residual_mlp_configs_build_and_their_truth_names_decomposed_matrices(tmp_path):
+    """configs/resid_mlp{1,2,3}.py: a fixed unit-norm embedding, residual ReLU MLPs without biases, label
+    x + ReLU(x); the truth expects one subcomponent per feature in every mlp_in and a dense block of the
+    layer's neurons in every mlp_out; a short target training lowers the loss."""
+    for n_layers, config in ((1, "resid_mlp1.py"), (2, "resid_mlp2.py"), (3, "resid_mlp3.py")):
+        cfg, tcfg = vpd.configure([os.path.join(os.path.dirname(__file__), "configs", config)],
+                                  vpd.Config(), models.TargetConfig())
+        model = models.build_model(tcfg)
+        assert tcfg.n_layers == n_layers and not model.W_E.requires_grad
+        torch.testing.assert_close(model.W_E.norm(dim=1), torch.ones(tcfg.n_features))
+        assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Linear))
+        truth = models.toy_truth(tcfg, model, "cpu")
+        assert set(truth["patterns"]) == set(vpd.find_matrices(model, cfg.modules))
+        assert truth["patterns"]["layers.0.mlp_in"] == ("identity", tcfg.n_features)
+        assert truth["patterns"]["layers.0.mlp_out"] == ("dense", tcfg.d_mlp)
+        x = models.sparse_features(tcfg, 64, 0)("train", 0)[0]
+        assert x.min() < 0 and torch.equal(models.toy_label(tcfg, x), x + x.relu())
+    with torch.no_grad():  # the forward written out: embed, residual MLPs, unembed
+        resid = x @ model.W_E
+        for layer in model.layers:
+            resid = resid + layer["mlp_out"](layer["mlp_in"](resid).relu())
+        torch.testing.assert_close(model(x), resid @ model.W_E.T)
+    small = dataclasses.replace(tcfg, n_layers=1, target_steps=300, target_batch_size=256)
+    before = toy_loss(models.build_model(small), small)
+    trained = models.train_target(small, str(tmp_path / "resid.pt"))
+    assert toy_loss(trained, small) < 0.8 * before
+
+
+def toy_loss(model, tcfg):
+    x = models.sparse_features(tcfg, 2048, 7)("val", 0)[0]
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(model(x), models.toy_label(tcfg, x)).item()
+
+
+def test_language_model_target_trains_and_is_saved(tmp_path, capsys):
+    """The LM branch of models.train_target (what configs/fortunes.py runs first): next-token CE falls on
+    a learnable stream, the state dict is written whole, and the printed CE says what it is measured on."""
+    tokens = np.arange(4000, dtype=np.uint16) % 16  # 0, 1, ..., 15, 0, 1, ...
+    for split in ("train", "val"):
+        tokens.tofile(tmp_path / f"{split}.bin")
+    _, tcfg = tiny_lm(dataset=str(tmp_path), target_steps=60, target_batch_size=8, target_lr=1e-2)
+    model = models.train_target(tcfg, str(tmp_path / "lm.pt"))
+    ce = float(re.search(r"cross-entropy ([0-9.]+) nats on 10 validation batches", capsys.readouterr().out)[1])
+    assert ce < 0.5 * math.log(32)  # a counting sequence: far below a uniform guess
+    sd = torch.load(tmp_path / "lm.pt", weights_only=True)
+    assert not os.path.exists(tmp_path / "lm.pt.tmp") and sd.keys() == model.state_dict().keys()
 
 
 # -- language models ---------------------------------------------------------------------------------
