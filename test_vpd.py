@@ -544,6 +544,14 @@ def test_resuming_with_another_C_or_a_finished_run(tmp_path, capsys):
     finished = vpd.train(dataclasses.replace(cfg, init_from="resume"), toy_run(tmp_path)[2], get_batch)
     assert "at step 20 of 20: nothing to train; evaluating it" in capsys.readouterr().out
     assert finished["step"] == 20 and {"recon/ci", "l0/total", "alive/total"} <= set(finished)  # not `final: {}`
+    wider = dataclasses.replace(cfg, init_from="resume", ci_hidden=cfg.ci_hidden + 1)
+    with pytest.raises(ValueError, match="another CI function"):
+        vpd.train(wider, toy_run(tmp_path)[2], get_batch)
+    torch.save({"step": 3}, tmp_path / "foreign.pt")  # a readable file that is not a vpd.py checkpoint
+    with pytest.raises(RuntimeError, match="lacks .*'components'.*not a vpd.py checkpoint"):
+        vpd.load_checkpoint(str(tmp_path / "foreign.pt"))
+    with pytest.raises(ValueError, match="tie 'linear2' -> 'hidden': both must be decomposed"):
+        vpd.Decomposition(toy_run(tmp_path)[2], dataclasses.replace(cfg, tie={"linear2": "hidden"}))
 
 
 def test_non_finite_weights_never_replace_the_last_good_checkpoint(tmp_path):
