@@ -1418,6 +1418,19 @@ def test_edit_bad_input_is_a_clear_error(lm_decomposition, tmp_path):
               run_config={**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)})
     with pytest.raises(ValueError, match="decomposes a 'tms' model"):
         edit.Editing(edit_config(root, data, os.path.join(cfg.out_dir, "ckpt.pt")))
+    with pytest.raises(ValueError, match=r"'fr' must be one of languages=\['en', 'de', 'es', 'it'\]"):
+        edit.Editing(edit_config(root, data, ckpt, remove="fr"))
+    foreign = tmp_path / "foreign"  # text tokenized for a larger vocabulary, then one file too short
+    foreign.mkdir()
+    for split in edit.SPLITS:
+        for lang in LANGS:
+            np.full(100, 40 if lang == "de" else 3, dtype=np.uint16).tofile(foreign / f"{split}_{lang}.bin")
+    with pytest.raises(ValueError, match="de text holds token ids beyond the model's vocabulary of 32"):
+        edit.Editing(edit_config(root, foreign, ckpt))
+    for split in edit.SPLITS:  # German in the vocabulary now, but its dev split only 5 tokens long
+        np.full(5 if split == "dev" else 100, 3, dtype=np.uint16).tofile(foreign / f"{split}_de.bin")
+    with pytest.raises(ValueError, match="a token file of 5 tokens holds no window of 9"):
+        edit.Editing(edit_config(root, foreign, ckpt))
 
 
 def test_pile4l_edit_config_on_a_tiny_stand_in(lm_decomposition, tmp_path):
