@@ -719,51 +719,6 @@ def evaluate_batch(dec, x, y, cfg):
     return metrics, ci
 
 
-def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
-    """The metrics averaged over `cfg.eval_batches` validation batches: L0 per matrix, layer and in total
-    (subcomponents with CI above ci_threshold per position), alive subcomponents (mean CI above
-    alive_threshold), KL or MSE and CE under each kind of mask, CE unrecovered ((CE_x - CE_target) /
-    (CE_zero - CE_target)), the evaluation adversary, and for toys MMCS / ML2R and the target-CI error."""
-    devices = [dec.target_device()] if dec.target_device().type == "cuda" else []
-    metrics, ci_mass, n_pos = {}, 0, 0
-    with torch.random.fork_rng(devices):  # evaluation must not move the training RNG (resume equality)
-        torch.manual_seed(cfg.seed + 1)
-        for i in range(cfg.eval_batches):
-            x, y = get_batch("val", i)
-            with autocast, dec.cast_once(autocast):  # training's precision, so that evaluation sees training's CI
-                batch, ci = evaluate_batch(dec, x, y, cfg)
-            for k, v in batch.items():
-                metrics[k] = metrics.get(k, 0.0) + v / cfg.eval_batches
-            ci_mass, n_pos = ci_mass + ci.float().reshape(-1, ci.shape[-1]).sum(0), n_pos + ci[..., 0].numel()
-    keys = sorted(metrics)  # each process evaluated its own shard of the validation data: average them
-    metrics = dict(zip(keys, mean_over_processes(
-        torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=dec.target_device())).tolist()))
-    metrics["l0/total"] = sum(metrics[f"l0/{n}"] for n in dec.comps)
-    for n in dec.comps:  # per layer: paths such as h.3.attn.q_proj belong to layer h.3
-        layer = re.match(r"(.*?\.\d+)\.", n)
-        if layer:
-            metrics[f"l0_layer/{layer[1]}"] = metrics.get(f"l0_layer/{layer[1]}", 0.0) + metrics[f"l0/{n}"]
-    if "ce/target" in metrics:
-        for kind in ("ci", "ones", "stoch", "random", "rounded", "zero"):  # share of the zero-ablation CE gap left
-            metrics[f"ce_unrecovered/{kind}"] = ((metrics[f"ce/{kind}"] - metrics["ce/target"])
-                                                 / (metrics["ce/zero"] - metrics["ce/target"]))
-    mean_ci = global_sum(ci_mass) / (n_pos * world_size())
-    for n, mean in dec.split(mean_ci).items():
-        metrics[f"alive/{n}"] = int((mean > cfg.alive_threshold).sum())
-    metrics["alive/total"] = sum(metrics[f"alive/{n}"] for n in dec.comps)
-    if truth is not None:  # toy models: the decomposition that should come out is known
-        if "features" in truth:
-            path, W = truth["features"]
-            metrics["mmcs"], metrics["ml2r"], _ = toy_feature_metrics(W, dec.comps[path])
-        ci = probe_ci(dec, truth["probes"])
-        for n, pattern in truth["patterns"].items():
-            metrics[f"ci_error/{n}"] = target_ci_error(ci[n], pattern)
-            if pattern[0] == "dense":  # also by Goodfire's count-only reading, to compare with their numbers
-                metrics[f"ci_error_count/{n}"] = target_ci_error(ci[n], ("dense_count", pattern[1]))
-        metrics["ci_error/total"] = sum(metrics[f"ci_error/{n}"] for n in truth["patterns"])
-    return metrics
-
-
 def toy_feature_metrics(W, comp: Components):
     """MMCS and ML2R of a toy target matrix W [d_out, n_features] against its subcomponents: for each
     feature j, the best subcomponent's column U[c, :] V[j, c] by cosine similarity (MMCS: the mean of
@@ -807,6 +762,51 @@ def target_ci_error(ci, pattern, tol=0.1):
 def probe_ci(dec, probes):
     dec(probes)
     return {n: g.cpu() for n, g in dec.split(dec.causal_importance()[0]).items()}
+
+
+def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
+    """The metrics averaged over `cfg.eval_batches` validation batches: L0 per matrix, layer and in total
+    (subcomponents with CI above ci_threshold per position), alive subcomponents (mean CI above
+    alive_threshold), KL or MSE and CE under each kind of mask, CE unrecovered ((CE_x - CE_target) /
+    (CE_zero - CE_target)), the evaluation adversary, and for toys MMCS / ML2R and the target-CI error."""
+    devices = [dec.target_device()] if dec.target_device().type == "cuda" else []
+    metrics, ci_mass, n_pos = {}, 0, 0
+    with torch.random.fork_rng(devices):  # evaluation must not move the training RNG (resume equality)
+        torch.manual_seed(cfg.seed + 1)
+        for i in range(cfg.eval_batches):
+            x, y = get_batch("val", i)
+            with autocast, dec.cast_once(autocast):  # training's precision, so that evaluation sees training's CI
+                batch, ci = evaluate_batch(dec, x, y, cfg)
+            for k, v in batch.items():
+                metrics[k] = metrics.get(k, 0.0) + v / cfg.eval_batches
+            ci_mass, n_pos = ci_mass + ci.float().reshape(-1, ci.shape[-1]).sum(0), n_pos + ci[..., 0].numel()
+    keys = sorted(metrics)  # each process evaluated its own shard of the validation data: average them
+    metrics = dict(zip(keys, mean_over_processes(
+        torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=dec.target_device())).tolist()))
+    metrics["l0/total"] = sum(metrics[f"l0/{n}"] for n in dec.comps)
+    for n in dec.comps:  # per layer: paths such as h.3.attn.q_proj belong to layer h.3
+        layer = re.match(r"(.*?\.\d+)\.", n)
+        if layer:
+            metrics[f"l0_layer/{layer[1]}"] = metrics.get(f"l0_layer/{layer[1]}", 0.0) + metrics[f"l0/{n}"]
+    if "ce/target" in metrics:
+        for kind in ("ci", "ones", "stoch", "random", "rounded", "zero"):  # share of the zero-ablation CE gap left
+            metrics[f"ce_unrecovered/{kind}"] = ((metrics[f"ce/{kind}"] - metrics["ce/target"])
+                                                 / (metrics["ce/zero"] - metrics["ce/target"]))
+    mean_ci = global_sum(ci_mass) / (n_pos * world_size())
+    for n, mean in dec.split(mean_ci).items():
+        metrics[f"alive/{n}"] = int((mean > cfg.alive_threshold).sum())
+    metrics["alive/total"] = sum(metrics[f"alive/{n}"] for n in dec.comps)
+    if truth is not None:  # toy models: the decomposition that should come out is known
+        if "features" in truth:
+            path, W = truth["features"]
+            metrics["mmcs"], metrics["ml2r"], _ = toy_feature_metrics(W, dec.comps[path])
+        ci = probe_ci(dec, truth["probes"])
+        for n, pattern in truth["patterns"].items():
+            metrics[f"ci_error/{n}"] = target_ci_error(ci[n], pattern)
+            if pattern[0] == "dense":  # also by Goodfire's count-only reading, to compare with their numbers
+                metrics[f"ci_error_count/{n}"] = target_ci_error(ci[n], ("dense_count", pattern[1]))
+        metrics["ci_error/total"] = sum(metrics[f"ci_error/{n}"] for n in truth["patterns"])
+    return metrics
 
 
 # -----------------------------------------------------------------------------
