@@ -611,7 +611,6 @@ def test_short_run_recovers_tms_5_2(tmp_path):
         assert os.path.exists(tmp_path / figure)
     # edit.py's toy edit on this decomposition: rescaling feature 0's subcomponent moves feature 0's output
     # alone; its trained scalar leaves inputs without feature 0 as they were, however few examples it saw
-    import edit
     key, moved, rows = edit.tms_demo(edit.EditConfig(task="tms", ckpt=str(tmp_path / "ckpt.pt"),
                                                      out_dir=str(tmp_path / "edit"), tms_budgets=[1, 4]))
     assert key.startswith("linear1:") and moved[0.0][0, 0] < -0.3 and moved[2.0][0, 0] > 0.3
