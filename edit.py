@@ -232,7 +232,7 @@ def load_language(cfg: EditConfig, lang: str) -> dict:
 def windows(tokens: torch.Tensor, n: int, T: int, generator=None) -> torch.Tensor:
     """n windows [n, T + 1] of a token stream (inputs, then the labels one further): evenly spaced over
     the stream, or at random places when a generator is given."""
-    if len(tokens) < T + 2:
+    if len(tokens) < T + 1:
         raise ValueError(f"a token file of {len(tokens)} tokens holds no window of {T + 1}")
     starts = (torch.randint(len(tokens) - T, (n,), generator=generator) if generator is not None
               else torch.linspace(0, len(tokens) - T - 1, n).long())
@@ -414,6 +414,13 @@ class Editing:
         self.base_dev = ce_by_language(self.target, self.dev)
         self.base_test = ce_by_language(self.target, self.test)
 
+    def inputs(self) -> dict:
+        """What the analysis and every cell depend on: the decomposition (a checksum of V, whatever its path)
+        and the settings, but not the methods, budgets and seeds, which a resumed sweep may extend."""
+        extendable = {"ckpt", "out_dir", "device", "methods", "budgets", "seeds", "save_budget", "decomposition_processes"}
+        return {**{k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in extendable},
+                "V_checksum": sum(c["V"].cpu().double().sum().item() for c in self.components.values())}
+
     def keys(self, indices) -> list:
         flat = [f"{n}:{c}" for n, comp in self.components.items() for c in range(comp["V"].shape[1])]
         return [flat[i] for i in indices]
@@ -526,8 +533,14 @@ def sweep(cfg: EditConfig):
     decode = token_decoder(cfg, ed.vocab)
     path = os.path.join(cfg.out_dir, "components.json")
     analysis = json.load(open(path)) if os.path.exists(path) else None
-    if analysis is None or analysis["ckpt"] != cfg.ckpt:  # labels are fixed here, before any edit
-        analysis = ed.analyse(decode)
+    inputs = ed.inputs()
+    if analysis is not None and analysis.get("inputs") != inputs:  # never mix two sweeps' cells
+        old = analysis.get("inputs", {})
+        changed = sorted(k for k in {*old, *inputs} if old.get(k) != inputs.get(k))
+        raise ValueError(f"{cfg.out_dir} holds a sweep of other inputs (differing: {changed}): give another "
+                         "out_dir, or delete its components.json and results.jsonl to start afresh")
+    if analysis is None:  # labels are fixed here, before any edit
+        analysis = {**ed.analyse(decode), "inputs": inputs}
         with open(path + ".tmp", "w") as f:
             json.dump(analysis, f, indent=1)
         os.replace(path + ".tmp", path)

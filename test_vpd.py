@@ -417,6 +417,9 @@ def test_configurator(tmp_path):
     assert cfg.eval_adv_steps == [20, 40] and tcfg.n_features == 40 and cfg.compile is True
     (cfg,) = vpd.configure(["--steps=9", str(path)], vpd.Config())  # an override wins wherever it stands
     assert (cfg.steps, cfg.lr) == (9, 3e-4)
+    path.write_text("from math import sqrt\nlr = sqrt(4e-6)\n")  # imported names are not keys
+    (cfg,) = vpd.configure([str(path), "--out_dir=2024"], vpd.Config())  # a string key keeps its text
+    assert cfg.lr == pytest.approx(2e-3) and cfg.out_dir == "2024"
 
 
 def test_configurator_errors(tmp_path):
@@ -552,6 +555,39 @@ def test_resuming_with_another_C_or_a_finished_run(tmp_path, capsys):
         vpd.load_checkpoint(str(tmp_path / "foreign.pt"))
     with pytest.raises(ValueError, match="tie 'linear2' -> 'hidden': both must be decomposed"):
         vpd.Decomposition(toy_run(tmp_path)[2], dataclasses.replace(cfg, tie={"linear2": "hidden"}))
+
+
+def test_a_toy_decomposed_in_part_is_scored_on_its_decomposed_matrices(tmp_path):
+    cfg, tcfg, model = toy_run(tmp_path, steps=10, modules={"linear2": 6})
+    truth = models.toy_truth(tcfg, model, "cpu")
+    metrics = vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed), truth)
+    assert "ci_error/linear2" in metrics and "ci_error/linear1" not in metrics and "mmcs" not in metrics
+    assert metrics["ci_error/total"] == metrics["ci_error/linear2"] and os.path.exists(tmp_path / "run" / "ci_probes.png")
+
+
+def test_resumes_that_change_the_run_or_find_its_last_evaluation_lost(tmp_path, capsys):
+    cfg, tcfg, model = toy_run(tmp_path, steps=10, eval_interval=5, ckpt_interval=5)
+    get_batch = models.sparse_features(tcfg, cfg.batch_size, cfg.seed)
+    vpd.train(cfg, model, get_batch)
+    metrics_path, png = tmp_path / "run" / "metrics.jsonl", tmp_path / "run" / "training.png"
+    lines = open(metrics_path).readlines()
+    open(metrics_path, "w").writelines(lines[:-1])  # the final evaluation crashed after the checkpoint
+    os.remove(png)
+    finished = dataclasses.replace(cfg, init_from="resume")
+    for _ in range(2):  # the lost evaluation is logged once, and the figures drawn
+        vpd.train(finished, toy_run(tmp_path)[2], get_batch)
+        evals = [json.loads(line)["step"] for line in open(metrics_path) if "l0/total" in line]
+        assert evals == [5, 10] and os.path.exists(png)
+    # longer, with the adversarial loss switched off and another weight decay; the figures still drawn
+    longer = dataclasses.replace(finished, steps=14, adv_coeff=0.0, weight_decay=0.5)
+    vpd.train(longer, toy_run(tmp_path)[2], get_batch)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 14 and all(g["weight_decay"] == 0.5 for g in ckpt["optimizer"]["param_groups"])
+    assert "adv" not in json.loads(open(metrics_path).readlines()[-2]) and os.path.exists(png)
+    # a fresh run sets every rank's file aside: one left by a larger world must not be resumed later
+    torch.save({"step": 10}, tmp_path / "run" / "ckpt_rank1.pt")
+    vpd.train(dataclasses.replace(cfg, steps=2), toy_run(tmp_path)[2], get_batch)
+    assert not os.path.exists(tmp_path / "run" / "ckpt_rank1.pt") and os.path.exists(tmp_path / "run" / "ckpt_rank1.pt.prev")
 
 
 def test_non_finite_weights_never_replace_the_last_good_checkpoint(tmp_path):
@@ -801,6 +837,11 @@ def test_token_batches_random_memmap_and_datasets_fixture(tmp_path):
     (tmp_path / "bin" / "meta.json").write_text(json.dumps({"vocab_size": 64}))
     with pytest.raises(ValueError, match="vocabulary of 64 tokens but vocab_size=32"):
         models.token_batches(dataclasses.replace(tcfg, dataset=str(tmp_path / "bin")), 4, seed=0)
+    short = tmp_path / "short"
+    short.mkdir()
+    np.arange(9, dtype=np.uint16).tofile(short / "train.bin")
+    with pytest.raises(ValueError, match="holds 9 tokens; windows of seq_len \\+ 1 = 9 need at least 10"):
+        models.token_batches(dataclasses.replace(tcfg, dataset=str(short)), 2, seed=0)("train", 0)
     tcfg_ds = dataclasses.replace(tcfg, dataset=pile_fixture(tmp_path), val_split="validation")
     get = models.token_batches(tcfg_ds, 2, seed=0)
     x, y = get("train", 0)
@@ -1380,6 +1421,9 @@ def test_edit_pipeline_end_to_end_resumable_with_choices_on_dev(lm_decomposition
     monkeypatch.setattr(edit.Editing, "cell", lambda self, *a: calls.append(a[:3]) or real_cell(self, *a))
     edit.sweep(dataclasses.replace(cfg, budgets=[1, 12, 2], methods=["one"]))
     assert [c[:2] for c in calls] == [("one", 2)]
+    # but never on other inputs: the finished cells of German removal are not Spanish removal's
+    with pytest.raises(ValueError, match=r"holds a sweep of other inputs \(differing: \['remove'\]\)"):
+        edit.sweep(dataclasses.replace(cfg, remove="es"))
     # hyper-parameters are chosen on dev: make dev prefer λ = 2 and test prefer λ = 0.5
     ed = edit.Editing(cfg)
     # "only": one scalar for every subcomponent labelled de-only (this tiny model has none: a clear error)

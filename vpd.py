@@ -30,6 +30,7 @@ import ast
 import dataclasses
 import difflib
 import fnmatch
+import glob
 import json
 import math
 import os
@@ -621,9 +622,13 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         run.fresh()
         faithfulness_warmup(dec, vu, cfg)
         start = 0
-    if start >= cfg.steps:  # a finished run: nothing to train, but show where it ended
+    if start >= cfg.steps:  # finished (its last evaluation perhaps lost to a crash): evaluate, log, draw
         print(f"{run.ckpt_path} is at step {start} of {cfg.steps}: nothing to train; evaluating it")
-        return {"step": start, **evaluate(dec, get_batch, cfg, truth, autocast)}
+        metrics = {"step": start, **evaluate(dec, get_batch, cfg, truth, autocast)}
+        run.log(metrics, eval_line=True)
+        if rank == 0:
+            save_figures(dec, truth, cfg.out_dir)
+        return metrics
     timer, metrics = Timer(device, start), {}
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank > 0, dynamic_ncols=True)
     for step in bar:
@@ -658,12 +663,12 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         if log_now:
             values = mean_over_processes(torch.stack([v.detach().float() for v in losses.values()] + [total.detach()]))
             run.log({"step": done, **dict(zip([*losses, "total"], values.tolist())), "p": p, "lr": lr,
-                     **timer.lap(done, flops, peak)}, bar)
+                     **timer.lap(done, flops, peak)})
         if ckpt_now:
             run.checkpoint(done, dec, opt, adversary, params)
         if eval_now:
             metrics = {"step": done, **evaluate(dec, get_batch, cfg, truth, autocast)}
-            run.log(metrics, bar, eval_line=True)
+            run.log(metrics, eval_line=True)
         if log_now or ckpt_now or eval_now:
             timer.reset(done)  # the timer measures training steps only
     if rank == 0:
@@ -797,15 +802,16 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
         metrics[f"alive/{n}"] = int((mean > cfg.alive_threshold).sum())
     metrics["alive/total"] = sum(metrics[f"alive/{n}"] for n in dec.comps)
     if truth is not None:  # toy models: the decomposition that should come out is known
-        if "features" in truth:
+        if "features" in truth and truth["features"][0] in dec.comps:
             path, W = truth["features"]
             metrics["mmcs"], metrics["ml2r"], _ = toy_feature_metrics(W, dec.comps[path])
         ci = probe_ci(dec, truth["probes"])
-        for n, pattern in truth["patterns"].items():
+        patterns = {n: pattern for n, pattern in truth["patterns"].items() if n in dec.comps}  # those decomposed
+        for n, pattern in patterns.items():
             metrics[f"ci_error/{n}"] = target_ci_error(ci[n], pattern)
             if pattern[0] == "dense":  # also by Goodfire's count-only reading, to compare with their numbers
                 metrics[f"ci_error_count/{n}"] = target_ci_error(ci[n], ("dense_count", pattern[1]))
-        metrics["ci_error/total"] = sum(metrics[f"ci_error/{n}"] for n in truth["patterns"])
+        metrics["ci_error/total"] = sum(metrics[f"ci_error/{n}"] for n in patterns)
     return metrics
 
 
@@ -910,7 +916,8 @@ class RunFiles:
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.ckpt_path, self.metrics_path = (os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "metrics.jsonl"))
         self.rank_path = os.path.join(cfg.out_dir, f"ckpt_rank{rank}.pt")
-        self.written = None  # the step of the last checkpoint this run wrote or resumed from
+        self.written = None    # the step of the last checkpoint this run wrote or resumed from
+        self.evaluated = None  # the step of the last evaluation in metrics.jsonl
 
     def fresh(self):
         """A new run: set an earlier run's files aside (its checkpoint kept, where no resume will take it)."""
@@ -919,11 +926,16 @@ class RunFiles:
         if self.rank == 0 and os.path.exists(self.ckpt_path):
             os.replace(self.ckpt_path, self.ckpt_path + ".prev")
             print(f"a fresh run: the earlier {self.ckpt_path} is now {self.ckpt_path}.prev")
+        if self.rank == 0:  # every rank's file: a world of another size left some that no rank of this one writes
+            for path in glob.glob(os.path.join(self.cfg.out_dir, "ckpt_rank*.pt")):
+                os.replace(path, path + ".prev")
 
     def resume(self, dec, opt, adversary) -> int:
         ckpt = load_checkpoint(self.ckpt_path)
         load_decomposition_state(dec, ckpt, self.ckpt_path)
         opt.load_state_dict(ckpt["optimizer"])
+        for group in opt.param_groups:  # the config's, not the saved one (lr is set at every step)
+            group["weight_decay"] = self.cfg.weight_decay
         start = self.written = ckpt["step"]
         own = ckpt  # rank 0's adversary and noise state; the other ranks' are in their own files
         if self.rank:
@@ -939,6 +951,7 @@ class RunFiles:
         if self.rank == 0 and os.path.exists(self.metrics_path):  # drop what was logged after the checkpoint,
             with open(self.metrics_path) as f:                   # and a last line a crash tore (no newline)
                 kept = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= start]
+            self.evaluated = max((r["step"] for r in map(json.loads, kept) if "l0/total" in r), default=None)
             with open(self.metrics_path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.metrics_path + ".tmp", self.metrics_path)
@@ -977,15 +990,17 @@ class RunFiles:
                 "ci_fn": dec.ci_fn.state_dict(), "optimizer": opt.state_dict()})
         self.written = step
 
-    def log(self, record, bar, eval_line=False):
-        if self.rank:
+    def log(self, record, eval_line=False):
+        if self.rank or (eval_line and record["step"] == self.evaluated):  # an evaluation is logged once
             return
+        if eval_line:
+            self.evaluated = record["step"]
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if eval_line:  # the headline metrics; all of them are in metrics.jsonl
             record = {k: v for k, v in record.items() if "/" not in k or k.endswith("total") or k.startswith(("recon", "ce/"))}
-        bar.write(("eval " if eval_line else "") + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                            for k, v in record.items()))
+        tqdm.write(("eval " if eval_line else "") + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                             for k, v in record.items()))
 
 
 class Timer:
@@ -1163,7 +1178,7 @@ def save_figures(dec, truth, out_dir):
         fig.colorbar(im, ax=axes[0].tolist(), label="CI")
         fig.savefig(os.path.join(out_dir, "ci_probes.png"), dpi=120, bbox_inches="tight")
         plt.close(fig)
-    if truth is not None and "features" in truth:
+    if truth is not None and "features" in truth and truth["features"][0] in dec.comps:
         path, W = truth["features"]
         _, _, best = toy_feature_metrics(W, dec.comps[path])
         comp, lim = dec.comps[path], W.abs().max().item()
@@ -1187,9 +1202,9 @@ def save_figures(dec, truth, out_dir):
     if not logs:
         return
     fig, axes = plt.subplots(1, 4, figsize=(19, 3.6))
-    for key in ("stoch", "adv", "faith"):
-        if key in logs[0]:
-            axes[0].plot([r["step"] for r in logs], [r[key] for r in logs], label=f"L_{key}")
+    for key in ("stoch", "adv", "faith"):  # a resumed run may have switched a term on or off
+        if any(key in r for r in logs):
+            axes[0].plot(*zip(*[(r["step"], r[key]) for r in logs if key in r]), label=f"L_{key}")
     axes[0].set(yscale="log", xlabel="step", title="losses")
     axes[0].legend()
     groups = sorted({k for r in evals for k in r if k.startswith("l0_layer/")}) or ["l0/total"]
@@ -1241,6 +1256,8 @@ def configure(argv: list, *configs):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError, TypeError):
                 value = text  # a bare string such as --out_dir=out/x
+            if key in fields and fields[key][1] is str and not isinstance(value, str):
+                value = text  # a string key keeps its text: --out_dir=2024
             assign(key, value, "the command line")
         else:
             if not os.path.exists(arg):
@@ -1248,7 +1265,7 @@ def configure(argv: list, *configs):
             namespace = {"__file__": arg}  # a config may exec() another one next to it
             exec(compile(open(arg).read(), arg, "exec"), namespace)
             for key, value in namespace.items():
-                if not key.startswith("_") and not type(value).__name__ == "module":
+                if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":  # imports
                     assign(key, value, arg)
     return configs
 
