@@ -504,8 +504,8 @@ class Editing:
     def cost(self, analysis) -> dict:
         """German tokens and FLOPs: the decomposition (its training steps), its analysis, and one edit."""
         cfg, vcfg = self.cfg, self.vcfg
-        share = json.load(open(os.path.join(cfg.data, "meta.json"))).get("train_share", {}).get(cfg.remove) \
-            if os.path.exists(os.path.join(cfg.data, "meta.json")) else None
+        meta = os.path.join(self.tcfg.dataset, "meta.json")  # the decomposition's data, not the edit's text
+        share = json.load(open(meta)).get("train_share", {}).get(cfg.remove) if os.path.exists(meta) else None
         dec_tokens = vcfg.steps * vcfg.batch_size * cfg.decomposition_processes * self.tcfg.seq_len
         x = self.val[cfg.remove][:vcfg.batch_size, :-1]                  # one process's batch, or what there is
         with torch.enable_grad():  # vpd's own count: the four losses, the adversary's steps, the backward

@@ -179,9 +179,9 @@ class LlamaSimpleMLP(nn.Module):
         x = self.wte(tokens)                                        # [B, T, d]
         for block in self.h:
             x = block(x)
-        x, W = self.ln_f(x), self.lm_head.weight
+        x, W = self.ln_f(x), self.lm_head.weight  # tied to wte, so never decomposed (vpd.find_matrices)
         pad = -len(W) % self.vocab_multiple
-        if not pad or not isinstance(self.lm_head, nn.Linear):  # a decomposed lm_head runs its own forward
+        if not pad:
             return self.lm_head(x)                                  # [B, T, vocab]
         # an odd vocabulary (50,277) makes every logits matmul misaligned: on an H200, [4096, 768] x [768, V]
         # forward and backward took 152 ms at V = 50,277 and 1.35 ms at 50,304. So the matmul writes

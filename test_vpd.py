@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -774,7 +775,7 @@ def test_padded_logits_equal_the_unpadded_ones():
     """The logits matmul runs on the vocabulary padded to a multiple of 64 with zero rows, and the logits
     are a view of its first `vocab` columns: the same as the plain matmul's, to fp32 rounding (bitwise on
     the CPUs tried, but a GEMM library may split another N differently). The state dict keeps its shapes,
-    and a decomposed lm_head still runs through its components."""
+    and the tied lm_head cannot be decomposed (its other use, the embedding, would stay whole)."""
     torch.manual_seed(0)
     model = models.LlamaSimpleMLP(50, 16, 2, 2, 32)
     tokens = torch.randint(50, (3, 8))
@@ -784,12 +785,8 @@ def test_padded_logits_equal_the_unpadded_ones():
     torch.testing.assert_close(padded, model(tokens), rtol=1e-6, atol=1e-6)
     model.vocab_multiple = 64
     assert model.state_dict()["lm_head.weight"].shape == model.state_dict()["wte.weight"].shape == (50, 16)
-    dec = vpd.Decomposition(model, lm_config(modules={"lm_head": 4}))
-    torch.testing.assert_close(dec(tokens), padded)
-    assert dec.comps["lm_head"].input.shape == (3, 8, 16)  # it went through Components
-    zero = {"lm_head": (torch.zeros(3, 8, 4), torch.zeros(3, 8))}
-    with torch.no_grad():
-        assert (dec.masked(tokens, zero) == 0).all()
+    with pytest.raises(ValueError, match="'lm_head' shares its weight with another module"):  # tied to wte
+        vpd.Decomposition(model, lm_config(modules={"lm_head": 4}))
 
 
 def test_batch_streams_differ_across_ranks_steps_and_splits():
@@ -1073,12 +1070,13 @@ def tiny_hf(kind):
          "gpt_neox.layers.*.mlp.dense_*": 6}
 
 
-def hf_batches(split, step):
-    """Keyword inputs as a tokenizer gives them: the first sequence right-padded (mask 0, label -1)."""
+def hf_batches(split, step, pad=0):
+    """Keyword inputs as a tokenizer gives them; with pad > 0 the first sequence is right-padded (mask 0,
+    label -1), which vpd.train refuses."""
     g = torch.Generator().manual_seed(2 * step + (split == "val"))
     tokens = torch.randint(HF_VOCAB, (4, 9), generator=g)
     mask = torch.ones(4, 8, dtype=torch.long)
-    mask[0, 6:] = 0
+    mask[0, 8 - pad:] = 0
     return {"input_ids": tokens[:, :-1], "attention_mask": mask}, tokens[:, 1:].masked_fill(mask == 0, -1)
 
 
@@ -1096,6 +1094,9 @@ def test_hf_models_decompose_and_all_ones_masks_reproduce_their_logits(kind, tmp
         torch.testing.assert_close(dec.masked(x, ones_masks(dec, x)), expected, atol=1e-6, rtol=1e-6)
     metrics = vpd.train(cfg, model, hf_batches)  # keyword inputs through the memory plan, training and evaluation
     assert metrics["step"] == 3 and all(math.isfinite(v) for v in metrics.values())
+    with pytest.raises(ValueError, match="the train batch of step 0 is padded"):  # pads would count in the losses
+        vpd.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "padded")), tiny_hf(kind)[0],
+                  lambda split, step: hf_batches(split, step, pad=2))
     assert metrics["ce/target"] == pytest.approx(vpd.lm_ce(expected, y), rel=1e-6)  # the logits, dropout off
 
 
@@ -1442,6 +1443,22 @@ def test_edit_pipeline_end_to_end_resumable_with_choices_on_dev(lm_decomposition
     ed.base_dev, ed.base_test = {l: 0.0 for l in ed.dev}, {l: 0.0 for l in ed.test}
     row = ed.cell("one", 1, 0, analysis)
     assert row["lam"] == 2.0
+
+
+def test_edit_cost_counts_the_decomposition_s_own_data(lm_decomposition, tmp_path):
+    """The German tokens a decomposition saw come from its own data's meta.json (fortunes: the corpus it
+    was trained on), not from the edit's texts (pile4l edits Wikipedia but decomposes on the Pile)."""
+    root, data, ckpt = lm_decomposition
+    texts = tmp_path / "texts"
+    shutil.copytree(data, texts)
+    (texts / "meta.json").write_text(json.dumps({"train_share": {"de": 0.5}}))
+    (data / "meta.json").write_text(json.dumps({"train_share": {"de": 0.25}}))
+    try:
+        ed = edit.Editing(edit_config(root, texts, ckpt))
+        cost = ed.cost({"chosen": "h.0.mlp.c_fc:0"})
+    finally:
+        os.remove(data / "meta.json")
+    assert cost["decomposition_tokens"] == 10 * 8 * 8 and cost["decomposition_remove_tokens"] == 0.25 * 640
 
 
 def test_edit_bad_input_is_a_clear_error(lm_decomposition, tmp_path):

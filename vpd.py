@@ -27,6 +27,7 @@ W&B logging (metrics.jsonl instead), mixed-precision other than bf16 autocast, S
 SPD's sigmoid with negative forward values (VPD's lower-leaky one serves SPD-style runs too).
 """
 import ast
+import collections
 import dataclasses
 import difflib
 import fnmatch
@@ -172,8 +173,10 @@ class Components(nn.Module):
 
 def find_matrices(model: nn.Module, modules: dict) -> dict:
     """{path: module} of the nn.Linear and Conv1D modules that the patterns of `modules` match
-    ({"h.*.mlp.c_fc": 3072}), checked: every pattern matches, no path twice, every C a positive int."""
+    ({"h.*.mlp.c_fc": 3072}), checked: every pattern matches, no path twice, every C a positive int, no
+    weight shared with another module."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
+    uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     found = {}
     for pattern, C in modules.items():
         if type(C) is not int or C <= 0:
@@ -186,6 +189,9 @@ def find_matrices(model: nn.Module, modules: dict) -> dict:
         for path in matched:
             if path in found:
                 raise ValueError(f"module {path!r} is matched by two patterns of `modules`")
+            if uses[id(linears[path].weight)] > 1:  # a tied unembedding: its other use, the embedding, stays whole
+                raise ValueError(f"module {path!r} shares its weight with another module (an unembedding tied to "
+                                 "the embedding?): vpd.py does not decompose embeddings; leave it out")
             found[path] = (linears[path], C)
     return found
 
@@ -605,7 +611,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
     dec = Decomposition(target, cfg)  # the same initial weights on every rank
     if rank:  # but each rank its own masks, routing and adversary; rank 0 keeps the single-process stream
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
-    device = dec.target_device()
+    device, get_batch = dec.target_device(), unpadded(get_batch)
     vu = [p for c in dec.comps.values() for p in (c.V, c.U)]
     params = vu + list(dec.ci_fn.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one kernel, not a loop
@@ -1058,6 +1064,19 @@ def preflight(dec, cfg, get_batch, autocast, verbose=True):
     if cfg.eval_interval > 0:
         get_batch("val", 0)
     return flops, peak
+
+
+def unpadded(get_batch):
+    """get_batch, checked: padded positions (attention_mask 0) would count in every loss and metric but the
+    CE, and the CI transformer would attend to them, so batches must hold whole sequences (packed text, as
+    models.token_batches gives)."""
+    def checked(split, step):
+        x, y = get_batch(split, step)
+        if isinstance(x, dict) and "attention_mask" in x and not bool(x["attention_mask"].all()):
+            raise ValueError(f"the {split} batch of step {step} is padded (attention_mask has zeros): vpd.py needs "
+                             "whole sequences; pack the text into rows of seq_len tokens instead of padding")
+        return x, y
+    return checked
 
 
 def first_samples(x, n: int):
