@@ -61,9 +61,9 @@ class Config:
     out_dir: str = "out/run"
     init_from: str = "scratch"       # "resume": continue from out_dir/ckpt.pt
     seed: int = 0
-    device: str = "auto"             # "auto": cuda when available, else cpu
+    device: str = "auto"             # "auto": cuda when available, else cpu (vpd.train: the target's device)
     dtype: str = "float32"           # "bfloat16": autocast on CUDA (Δ and L_faith stay fp32)
-    compile: bool = None             # torch.compile the hot paths; None: on for CUDA, off on CPU
+    compile: bool = None             # torch.compile the hot paths; None: on for CUDA, off on CPU (set by main)
     memory_check: bool = True        # stop before training when the memory plan exceeds free memory
     peak_tflops: float = 0.0         # the device's peak, for the MFU in the log; 0: the GPU's from PEAK_TFLOPS
     # §1 what to decompose: module-path pattern -> number of subcomponents C

@@ -1,4 +1,4 @@
-# The same pipeline as configs/edit_fortunes.py, cut to about 5 minutes on 2 CPU cores: 3 budgets, one
+# The same pipeline as configs/edit_fortunes.py, cut to about 2 minutes on 2 CPU cores: 3 budgets, one
 # seed, shorter edits and smaller text samples.
 #   python edit.py configs/edit_fortunes_quick.py
 exec(open(__file__.replace("_quick.py", ".py")).read())

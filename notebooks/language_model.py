@@ -2,7 +2,7 @@
 # # A decomposed language model: the offline demo
 #
 # What `python vpd.py configs/fortunes.py` produced: a 2-layer LlamaSimpleMLP trained on fortune cookies
-# in English, German, Spanish and Italian, decomposed into 2,048 subcomponents over its 16 matrices. We
+# in English, German, Spanish and Italian, decomposed into 2,048 subcomponents over its 12 matrices. We
 # look at the training curves, how many subcomponents each position needs (L0) per layer, how dense CI
 # is, how many subcomponents are alive, and what single subcomponents do in each language.
 #

@@ -6,7 +6,7 @@
 # one subcomponent, the causal-importance (CI) function and the masks, compute every loss by hand next to
 # `vpd.py`'s function, train it until it finds the 5 features, and edit one of them.
 #
-# Run it as a script (`python notebooks/tms_method.py`, about a minute on a CPU) or cell by cell in an
+# Run it as a script (`python notebooks/tms_method.py`, a few minutes on a CPU) or cell by cell in an
 # editor that reads `# %%` cells (VS Code, or Jupyter with jupytext). Figures go to `out/notebooks/`.
 
 # %%
