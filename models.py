@@ -221,7 +221,8 @@ def token_batches(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", 
                 raise FileNotFoundError(f"{path} is missing: run python {os.path.join(tcfg.dataset, 'prepare.py')}")
             data = np.memmap(path, dtype=np.uint16, mode="r")  # re-opened per batch, as nanoGPT (no leak)
             if not row_len and len(data) < T + 2:
-                raise ValueError(f"{path} holds {len(data)} tokens; windows of seq_len + 1 = {T + 1} need at least {T + 2}")
+                raise ValueError(f"{path} holds {len(data)} tokens; windows of seq_len + 1 = {T + 1} "
+                                 f"need at least {T + 2}")
             g = batch_generator(seed, rank, split, step)
             starts = (torch.randint(len(data) // row_len, (batch_size,), generator=g) * row_len if row_len
                       else torch.randint(len(data) - T - 1, (batch_size,), generator=g))
