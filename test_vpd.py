@@ -546,7 +546,7 @@ def test_resuming_with_another_C_or_a_finished_run(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"other C .*'linear2': '\(2, 20\) there, \(2, 12\) here'"):
         vpd.train(other, toy_run(tmp_path)[2], get_batch)
     finished = vpd.train(dataclasses.replace(cfg, init_from="resume"), toy_run(tmp_path)[2], get_batch)
-    assert "at step 20 of 20: nothing to train; evaluating it" in capsys.readouterr().out
+    assert "step 20 of 20: nothing to train; evaluating the decomposition" in capsys.readouterr().out
     assert finished["step"] == 20 and {"recon/ci", "l0/total", "alive/total"} <= set(finished)  # not `final: {}`
     wider = dataclasses.replace(cfg, init_from="resume", ci_hidden=cfg.ci_hidden + 1)
     with pytest.raises(ValueError, match="another CI function"):
@@ -566,6 +566,22 @@ def test_a_toy_decomposed_in_part_is_scored_on_its_decomposed_matrices(tmp_path)
     assert metrics["ci_error/total"] == metrics["ci_error/linear2"] and os.path.exists(tmp_path / "run" / "ci_probes.png")
 
 
+def test_configurations_that_would_fail_at_the_first_evaluation_fail_before_training(tmp_path):
+    tcfg = models.TargetConfig(identity_layer=True)  # TMS 5-2-id: its hidden layer is a dense block of 2
+    model = models.build_model(tcfg)
+    cfg = vpd.Config(modules={"linear1": 6, "hidden": 1, "linear2": 6}, out_dir=str(tmp_path), device="cpu", steps=2)
+    with pytest.raises(ValueError, match="hidden should use a dense block of 2 subcomponents, more than its C = 1"):
+        vpd.train(cfg, model, models.sparse_features(tcfg, 16, 0), models.toy_truth(tcfg, model, "cpu"))
+    with pytest.raises(ValueError, match="eval_batches must be at least 1"):
+        vpd.Decomposition(tiny_mlp(), vpd.Config(modules={"0": 2}, eval_batches=0))
+    # CE unrecovered where zero-ablating the matrices costs nothing (one key: attention weights are 1)
+    lm, ltcfg = tiny_lm()
+    lcfg = lm_config(modules={"h.*.attn.q_proj": 4}, eval_adv_steps=[])
+    dec = vpd.Decomposition(lm, lcfg)
+    metrics = vpd.evaluate(dec, models.token_batches(dataclasses.replace(ltcfg, seq_len=1), 4, seed=0), lcfg)
+    assert metrics["ce/zero"] == metrics["ce/target"] and math.isnan(metrics["ce_unrecovered/ci"])
+
+
 def test_resumes_that_change_the_run_or_find_its_last_evaluation_lost(tmp_path, capsys):
     cfg, tcfg, model = toy_run(tmp_path, steps=10, eval_interval=5, ckpt_interval=5)
     get_batch = models.sparse_features(tcfg, cfg.batch_size, cfg.seed)
@@ -580,8 +596,11 @@ def test_resumes_that_change_the_run_or_find_its_last_evaluation_lost(tmp_path, 
         evals = [json.loads(line)["step"] for line in open(metrics_path) if "l0/total" in line]
         assert evals == [5, 10] and os.path.exists(png)
     # longer, with the adversarial loss switched off and another weight decay; the figures still drawn
-    longer = dataclasses.replace(finished, steps=14, adv_coeff=0.0, weight_decay=0.5)
+    longer = dataclasses.replace(finished, steps=14, adv_coeff=0.0, weight_decay=0.5, dtype="bfloat16")
+    capsys.readouterr()
     vpd.train(longer, toy_run(tmp_path)[2], get_batch)
+    said = capsys.readouterr().out
+    assert "resuming a run of 10 steps as one of 14" in said and "this run on the CPU is float32" in said
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 14 and all(g["weight_decay"] == 0.5 for g in ckpt["optimizer"]["param_groups"])
     assert "adv" not in json.loads(open(metrics_path).readlines()[-2]) and os.path.exists(png)

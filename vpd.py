@@ -110,16 +110,18 @@ class Config:
     ckpt_interval: int = 1000        # 0: only at the end
 
 
-# the keys that take one of a few words, and those words
+# the keys that take one of a few words, and those words (checked with the other limits by check_config)
 CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("float32", "bfloat16"), "ci_fn": ("mlp", "transformer"),
            "recon_loss": ("mse", "kl"), "routing": ("all", "uniform_k_subset", "layerwise"),
            "adv_routing": ("all", "uniform_k_subset")}
 
 
-def check_choices(cfg: Config):
+def check_config(cfg: Config):
     for key, options in CHOICES.items():
         if getattr(cfg, key) not in options:
             raise ValueError(f"{key} must be one of {options}, got {getattr(cfg, key)!r}")
+    if cfg.eval_interval > 0 and cfg.eval_batches < 1:
+        raise ValueError(f"eval_batches must be at least 1 when eval_interval > 0, got {cfg.eval_batches}")
 
 
 # -----------------------------------------------------------------------------
@@ -325,7 +327,7 @@ class Decomposition(nn.Module):
 
     def __init__(self, target: nn.Module, cfg: Config):
         super().__init__()
-        check_choices(cfg)
+        check_config(cfg)
         self.target = target
         self.comps = install_components(target, cfg.modules)
         Cs = {n: c.V.shape[1] for n, c in self.comps.items()}
@@ -620,7 +622,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
                 else nullcontext())
     if cfg.compile:
         compile_hot_paths(dec, adversary)
-    flops, peak = preflight(dec, cfg, get_batch, autocast, verbose=rank == 0)
+    flops, peak = preflight(dec, cfg, get_batch, autocast, truth, verbose=rank == 0)
     run = RunFiles(cfg, rank, run_config)
     if cfg.init_from == "resume":
         start = run.resume(dec, opt, adversary)
@@ -629,7 +631,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         faithfulness_warmup(dec, vu, cfg)
         start = 0
     if start >= cfg.steps:  # finished (its last evaluation perhaps lost to a crash): evaluate, log, draw
-        print(f"{run.ckpt_path} is at step {start} of {cfg.steps}: nothing to train; evaluating it")
+        print(f"step {start} of {cfg.steps}: nothing to train; evaluating the decomposition")
         metrics = {"step": start, **evaluate(dec, get_batch, cfg, truth, autocast)}
         run.log(metrics, eval_line=True)
         if rank == 0:
@@ -800,9 +802,9 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
         if layer:
             metrics[f"l0_layer/{layer[1]}"] = metrics.get(f"l0_layer/{layer[1]}", 0.0) + metrics[f"l0/{n}"]
     if "ce/target" in metrics:
+        gap = metrics["ce/zero"] - metrics["ce/target"]  # 0 where ablating the matrices costs nothing
         for kind in ("ci", "ones", "stoch", "random", "rounded", "zero"):  # share of the zero-ablation CE gap left
-            metrics[f"ce_unrecovered/{kind}"] = ((metrics[f"ce/{kind}"] - metrics["ce/target"])
-                                                 / (metrics["ce/zero"] - metrics["ce/target"]))
+            metrics[f"ce_unrecovered/{kind}"] = (metrics[f"ce/{kind}"] - metrics["ce/target"]) / gap if gap else math.nan
     mean_ci = global_sum(ci_mass) / (n_pos * world_size())
     for n, mean in dec.split(mean_ci).items():
         metrics[f"alive/{n}"] = int((mean > cfg.alive_threshold).sum())
@@ -943,6 +945,9 @@ class RunFiles:
         for group in opt.param_groups:  # the config's, not the saved one (lr is set at every step)
             group["weight_decay"] = self.cfg.weight_decay
         start = self.written = ckpt["step"]
+        if ckpt["config"].get("steps") != self.cfg.steps:  # the schedules are functions of step / steps
+            print(f"resuming a run of {ckpt['config'].get('steps')} steps as one of {self.cfg.steps}: the p, lr and "
+                  "adversary schedules now span the new length")
         own = ckpt  # rank 0's adversary and noise state; the other ranks' are in their own files
         if self.rank:
             own = load_checkpoint(self.rank_path, ("step", "adversary", "rng")) if os.path.exists(self.rank_path) else {"step": None}
@@ -1052,9 +1057,16 @@ def compile_hot_paths(dec, adversary):
         adversary.update = torch.compile(adversary.update)
 
 
-def preflight(dec, cfg, get_batch, autocast, verbose=True):
+def preflight(dec, cfg, get_batch, autocast, truth=None, verbose=True):
     """Before the first step: the memory plan (stops a run that cannot fit), the FLOPs of one step and the
-    device's peak (for MFU), and a look at the validation split (a missing one fails now, not later)."""
+    device's peak (for MFU), and what would otherwise fail only at the first evaluation: a missing
+    validation split, or a toy's expected dense block larger than C."""
+    for n, (kind, k) in (truth or {}).get("patterns", {}).items():
+        if kind == "dense" and n in dec.comps and k > dec.comps[n].V.shape[1]:
+            raise ValueError(f"{n} should use a dense block of {k} subcomponents, more than its C = "
+                             f"{dec.comps[n].V.shape[1]}: give it C >= {k}")
+    if verbose and cfg.dtype == "bfloat16" and dec.target_device().type != "cuda":
+        print("dtype bfloat16 means autocast on CUDA; this run on the CPU is float32")
     x = get_batch("train", 0)[0]
     activations, flops = measure_step(dec, cfg, x, autocast)
     check_memory(memory_plan(dec, cfg, x, activations), dec.target_device(), cfg, verbose)
@@ -1298,7 +1310,7 @@ def main(argv):
         print(f"no config file given: using {os.path.relpath(default)}")
         argv = [default, *argv]
     cfg, tcfg = configure(argv, Config(), models.TargetConfig())
-    check_choices(cfg)
+    check_config(cfg)
     if not tcfg.model.startswith("hf:"):  # the module patterns, before minutes of training a missing target
         find_matrices(models.build_model(tcfg), cfg.modules)
     if cfg.device == "auto":
