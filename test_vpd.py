@@ -582,6 +582,19 @@ def test_configurations_that_would_fail_at_the_first_evaluation_fail_before_trai
     assert metrics["ce/zero"] == metrics["ce/target"] and math.isnan(metrics["ce_unrecovered/ci"])
 
 
+def test_evaluation_leaves_autocast_as_it_found_it():
+    """A bf16 run evaluates under its autocast; afterwards autocast must be off again, or every later
+    backward (and the fp32 Δ of L_faith) would run in bf16. (A torch.autocast entered twice, nested, stayed
+    on.) On a CPU autocast object, as CUDA's is not available here."""
+    dec, cfg = decomposition(eval_adv_steps=[2])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    vpd.evaluate(dec, lambda split, i: (torch.randn(8, 4), None), cfg, autocast=autocast)
+    assert not torch.is_autocast_enabled("cpu")
+    with dec.cast_once(autocast), autocast:  # what evaluate does: the casts are bf16 inside
+        assert dec.comps["0"].cast[0].dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu") and dec.comps["0"].cast is None
+
+
 def test_resumes_that_change_the_run_or_find_its_last_evaluation_lost(tmp_path, capsys):
     cfg, tcfg, model = toy_run(tmp_path, steps=10, eval_interval=5, ckpt_interval=5)
     get_batch = models.sparse_features(tcfg, cfg.batch_size, cfg.seed)

@@ -788,7 +788,9 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
         torch.manual_seed(cfg.seed + 1)
         for i in range(cfg.eval_batches):
             x, y = get_batch("val", i)
-            with autocast, dec.cast_once(autocast):  # training's precision, so that evaluation sees training's CI
+            # training's precision, so that evaluation sees training's CI; cast_once first, since it enters
+            # `autocast` itself, and a torch.autocast entered twice, nested, stays on when the outer block exits
+            with dec.cast_once(autocast), autocast:
                 batch, ci = evaluate_batch(dec, x, y, cfg)
             for k, v in batch.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.eval_batches
