@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -245,8 +246,9 @@ def token_batches(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", 
                 raise RuntimeError(f"cannot open dataset {tcfg.dataset!r} split {name!r}: {e}") from e
             if "input_ids" not in (ds.column_names or ["input_ids"]):
                 raise ValueError(f"dataset {tcfg.dataset!r} has no `input_ids` column (columns: {ds.column_names})")
-            ds = split_dataset_by_node(ds, rank, world).skip(step * batch_size)
-            streams[split] = (step, iter(ds))
+            # this rank's rows from the step on (not ds.skip: where the shards do not divide among the ranks,
+            # datasets skips rows of the whole stream before taking every world-th one)
+            streams[split] = (step, itertools.islice(iter(split_dataset_by_node(ds, rank, world)), step * batch_size, None))
         it = streams[split][1]
         rows = [row["input_ids"][:T + 1] for row in itertools.islice(it, batch_size)]
         if len(rows) < batch_size:
@@ -346,6 +348,7 @@ def train_target(tcfg: TargetConfig, path: str, device="cpu", dtype="float32", c
     opt = torch.optim.AdamW(groups, lr=tcfg.target_lr, weight_decay=wd)
     if lm:
         get_batch = token_batches(tcfg, tcfg.target_batch_size, tcfg.target_seed + 1, device)
+        get_batch("val", 0)  # its CE is printed after training: a missing split fails now, not then
     else:
         get_batch = sparse_features(tcfg, tcfg.target_batch_size, tcfg.target_seed + 1, device)
     forward = torch.compile(model) if compile else model
@@ -391,8 +394,11 @@ def download_wandb_target(run_path: str, out_dir="out/targets") -> str:
     starts and resumes use the local copy without asking W&B."""
     entity, project, *_, run_id = run_path.removeprefix("wandb:").split("/")
     root = os.path.join(out_dir, f"{project}-{run_id}")
-    step_of = lambda name: int(os.path.basename(name).removeprefix("model_step_").removesuffix(".pt"))
-    have = glob.glob(os.path.join(root, "model_step_*.pt"))
+
+    def step_of(name):  # model_step_<n>.pt -> n; None for any other file
+        found = re.fullmatch(r"model_step_(\d+)\.pt", os.path.basename(name))
+        return int(found[1]) if found else None
+    have = [f for f in glob.glob(os.path.join(root, "model_step_*.pt")) if step_of(f) is not None]
     if have:
         return max(have, key=step_of)
     try:
@@ -401,7 +407,7 @@ def download_wandb_target(run_path: str, out_dir="out/targets") -> str:
         raise SystemExit(f"target_path={run_path!r} needs wandb: `pip install wandb` and `wandb login` (or set "
                          "WANDB_API_KEY), or download the state dict yourself and pass its file as target_path")
     try:
-        files = [f for f in wandb.Api().run(f"{entity}/{project}/{run_id}").files() if f.name.startswith("model_step_")]
+        files = [f for f in wandb.Api().run(f"{entity}/{project}/{run_id}").files() if step_of(f.name) is not None]
     except Exception as e:
         raise SystemExit(f"cannot read W&B run {run_path!r} ({e}); check `wandb login` / WANDB_API_KEY and the path")
     if not files:
@@ -422,7 +428,7 @@ def hf_causal_lm(name: str) -> nn.Module:
         raise SystemExit(f"model='hf:{name}' needs transformers: pip install transformers==5.24.0")
     try:
         return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_cache=False)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a directory without a model's config.json
         raise SystemExit(f"cannot load the Hugging Face model {name!r}: {e}\nOffline, it must be in the local cache "
                          f"already: run once online, or `hf download {name}` (older huggingface_hub: "
                          f"`huggingface-cli download {name}`), or give a directory that save_pretrained wrote, "

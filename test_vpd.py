@@ -723,7 +723,7 @@ def toy_loss(model, tcfg):
         return torch.nn.functional.mse_loss(model(x), models.toy_label(tcfg, x)).item()
 
 
-def test_language_model_target_trains_and_is_saved(tmp_path, capsys):
+def test_language_model_target_trains_and_is_saved(tmp_path, capsys, monkeypatch):
     """The LM branch of models.train_target (what configs/fortunes.py runs first): next-token CE falls on
     a learnable stream, the state dict is written whole, and the printed CE says what it is measured on."""
     tokens = np.arange(4000, dtype=np.uint16) % 16  # 0, 1, ..., 15, 0, 1, ...
@@ -735,6 +735,10 @@ def test_language_model_target_trains_and_is_saved(tmp_path, capsys):
     assert ce < 0.5 * math.log(32)  # a counting sequence: far below a uniform guess
     sd = torch.load(tmp_path / "lm.pt", weights_only=True)
     assert not os.path.exists(tmp_path / "lm.pt.tmp") and sd.keys() == model.state_dict().keys()
+    os.remove(tmp_path / "val.bin")  # its CE is printed after training: missing, it must fail before
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: pytest.fail("trained before checking val"))
+    with pytest.raises(FileNotFoundError, match="val.bin is missing"):
+        models.train_target(tcfg, str(tmp_path / "never.pt"))
 
 
 # -- language models ---------------------------------------------------------------------------------
@@ -878,6 +882,13 @@ def test_token_batches_random_memmap_and_datasets_fixture(tmp_path):
     x, y = models.token_batches(dataclasses.replace(tcfg_ds, seq_len=12), 2, seed=0)("train", 0)
     assert x[0].tolist() == list(range(12)) and y[0].tolist() == list(range(1, 12)) + [-1]  # rows of exactly T
     assert get("train", 1)[0][0, 0] == 200 and get("train", 3)[0][0, 0] == 600  # later steps skip ahead
+    # two ranks on one file (rows dealt in turn): a reader started at step 2, as after a resume, gives the
+    # rows a reader running from step 0 gives there, and the ranks never share a row
+    ranks = [models.token_batches(tcfg_ds, 2, seed=0, rank=r, world=2) for r in (0, 1)]
+    firsts = [[int(get("train", step)[0][b, 0]) for step in range(3) for b in (0, 1)] for get in ranks]
+    assert firsts[0] == [0, 200, 400, 600, 800, 1000] and firsts[1] == [100, 300, 500, 700, 900, 1100]
+    resumed = models.token_batches(tcfg_ds, 2, seed=0, rank=0, world=2)("train", 2)[0][:, 0].tolist()
+    assert resumed == [800, 1000]
     assert get("val", 0)[0][0, 0] == 10_000
     ranks = [models.token_batches(tcfg_ds, 2, seed=0, rank=r, world=2)("train", 0)[0][:, 0].tolist() for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])  # each rank reads its own shard
@@ -901,7 +912,7 @@ def test_wandb_target_uses_the_local_copy_or_says_what_is_missing(tmp_path, monk
     with pytest.raises(SystemExit, match="pip install wandb"):  # no copy, no wandb here: how to get it
         models.download_wandb_target("wandb:goodfire/spd/runs/t-9d2b8f02", out_dir=str(tmp_path))
     root.mkdir()
-    for step in (900, 10_000):
+    for step in (900, 10_000, "final"):  # a file that is no step's is not a candidate
         torch.save({}, root / f"model_step_{step}.pt")
     # downloaded before: the latest by step (not by name), without asking W&B (offline resume)
     assert models.download_wandb_target("wandb:goodfire/spd/runs/t-9d2b8f02", out_dir=str(tmp_path)) == \
@@ -1210,6 +1221,9 @@ def test_hf_config_path_loads_a_local_model_offline(tmp_path, monkeypatch, capsy
         assert recorded["vocab_size"] == HF_VOCAB  # the model's own (edit.py reads it), not the default 50277
     with pytest.raises(SystemExit, match="(?s)'vpd-tests/missing'.*hf download vpd-tests/missing"):
         models.hf_causal_lm("vpd-tests/missing")  # not in the cache, and the tests run offline
+    (tmp_path / "empty").mkdir()  # a directory, but no model in it
+    with pytest.raises(SystemExit, match="cannot load the Hugging Face model"):
+        models.hf_causal_lm(str(tmp_path / "empty"))
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     with pytest.raises(SystemExit, match="needs transformers: pip install transformers"):
         models.hf_causal_lm("vpd-tests/missing")
