@@ -324,6 +324,56 @@ def test_eval_adversary_shared_source_raises_loss():
     assert found[20] > found[0] and found[5] >= found[0] * 0.99
 
 
+def test_schedules_by_hand():
+    cfg = vpd.Config(steps=11, p_start=2.0, p_end=0.4, lr=1e-3, lr_warmup=0.2, lr_final=0.1, adv_lr=0.01, adv_warmup=0.5)
+    p, lr, adv_lr = vpd.schedules(0, cfg)  # warm-up over int(0.2 * 11) = 2 steps; adversary over 5.5
+    assert (p, lr, adv_lr) == (2.0, pytest.approx(5e-4), pytest.approx(0.01 / 5.5))
+    assert vpd.schedules(2, cfg)[1] == pytest.approx(1e-3)  # the peak, where the cosine starts
+    p, lr, adv_lr = vpd.schedules(10, cfg)
+    assert p == pytest.approx(0.4) and adv_lr == 0.01
+    assert lr == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 8 / 9))))
+
+
+def test_tied_gradients_add_both_uses_and_the_adversarial_loss_trains_the_ci_function():
+    tcfg = models.TargetConfig()
+    torch.manual_seed(0)
+    model = models.build_model(tcfg)
+    cfg = vpd.Config(modules={"linear1": 6, "linear2": 6}, tie={"linear2": "linear1"})
+    dec = vpd.Decomposition(model, cfg)
+    x = models.sparse_features(tcfg, 32, 0)("train", 0)[0]
+    losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, 1.0, 0.01)
+    a, b = dec.comps["linear1"], dec.comps["linear2"]
+    (g_adv,) = torch.autograd.grad(losses["adv"], [dec.ci_fn.W2], retain_graph=True)
+    assert g_adv.abs().sum() > 0  # L_adv reaches the CI function through the masks, not only V and U
+    vpd.total_loss(losses, cfg).backward()
+    aV, aU, bV, bU = (t.grad.clone() for t in (a.V, a.U, b.V, b.U))
+    vpd.tie_gradients(dec)
+    torch.testing.assert_close(a.V.grad, aV + bU.T)
+    torch.testing.assert_close(a.U.grad, aU + bV.T)
+    assert b.V.grad is None and b.U.grad is None
+
+
+def test_stochastic_loss_routes_as_configured(monkeypatch):
+    dec, cfg = decomposition()
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        target, ci = dec(x), torch.rand(16, 12)
+    seen, masks = [], dec.masks
+    monkeypatch.setattr(dec, "masks", lambda ci, source, routed=None: seen.append(routed) or masks(ci, source, routed))
+    for routing in ("uniform_k_subset", "all"):
+        vpd.stochastic_recon_loss(dec, x, target, ci, dataclasses.replace(cfg, routing=routing))
+    assert seen[0].shape == (16, 2) and seen[0].any(-1).all() and seen[1] is None  # k >= 1 matrices per position
+
+
+def test_evaluation_averages_its_batches():
+    dec, cfg = decomposition(eval_adv_steps=[], eval_batches=2)
+    batches = [torch.randn(8, 4), 3 * torch.randn(8, 4)]
+    metrics = vpd.evaluate(dec, lambda split, i: (batches[i], None), cfg)
+    each = [vpd.evaluate_batch(dec, b, None, cfg)[0] for b in batches]
+    for key in ("recon/ci", "recon/ones", "l0/0", "l0/2"):
+        assert metrics[key] == pytest.approx((each[0][key] + each[1][key]) / 2, rel=1e-5)
+
+
 # -- metrics ------------------------------------------------------------------------------------------
 
 def test_target_ci_error_patterns():
@@ -391,6 +441,10 @@ def test_evaluation_metrics_under_ci_masks_by_hand():
     assert metrics["hidden_mse/ci/2"] == pytest.approx((out2 - target2).pow(2).mean().item(), rel=1e-5)
     assert metrics["recon/ci"] == pytest.approx(metrics["hidden_mse/ci/2"], rel=1e-6)  # layer 2 is the output
     assert metrics["l0/0"] == pytest.approx((g0 > cfg.ci_threshold).sum(-1).float().mean().item())
+    with torch.no_grad():  # rounded: CI above the threshold -> 1, else 0; δ = 0 again
+        r0, r2 = (g0 > cfg.ci_threshold).float(), (g2 > cfg.ci_threshold).float()
+        rounded = ((((x @ V0) * r0) @ U0 + b0).relu() @ V2 * r2) @ U2 + b2
+    assert metrics["recon/rounded"] == pytest.approx((rounded - target2).pow(2).mean().item(), rel=1e-5)
     assert "recon/adv20" not in metrics and metrics["recon/ones"] > 0  # all ones, δ = 0: Δ is missing
 
 
@@ -404,6 +458,10 @@ def test_mmcs_ml2r_of_an_exact_decomposition():
         comp.U[:5] = W.T
     mmcs, ml2r, best = vpd.toy_feature_metrics(W, comp)
     assert mmcs == pytest.approx(1.0) and ml2r == pytest.approx(1.0) and best.tolist() == [0, 1, 2, 3, 4]
+    with torch.no_grad():
+        comp.U[:5] *= 2  # the right directions at twice the norm
+    mmcs, ml2r, _ = vpd.toy_feature_metrics(W, comp)
+    assert mmcs == pytest.approx(1.0) and ml2r == pytest.approx(2.0)
 
 
 # -- the configurator ---------------------------------------------------------------------------------
@@ -471,6 +529,7 @@ def test_checkpoint_contents_and_resume_equality(tmp_path, monkeypatch):
     assert ckpt["components"]["linear1"]["V"].shape == (5, 20) and ckpt["components"]["linear1"]["U"].shape == (20, 2)
     assert set(ckpt["target"]) == {"linear1.weight", "linear2.weight", "linear2.bias"}
     assert ckpt["adversary"]["sources"].shape == (64, 20 + 20 + 2)
+    assert ckpt["adversary"]["t"] == 20 * (cfg.adv_steps + 1)  # the inner ascent steps and the outer one
 
     # the same run, crashing at step 15 (after the checkpoint at 10), then resumed
     cfg2, _, model2 = toy_run(tmp_path, out_dir=str(tmp_path / "crash"), grad_clip=0.01)
@@ -1431,6 +1490,17 @@ def test_toy_edit_moves_only_its_feature():
         assert moved[torch.arange(5) != 2].abs().max() == 0 and moved[2].abs().max() > 0
 
 
+def test_language_labels_by_hand():
+    cfg = edit.EditConfig()  # only 0.8, pair 0.8, foreign at most 0.1 of the mean CI on English, dead 1e-3
+    mean = torch.tensor([[0.2, 0.033, 0.05, 0.05, 0.25],     # en
+                         [0.2, 0.900, 0.50, 0.35, 0.25],     # de
+                         [0.2, 0.033, 0.40, 0.30, 0.25],     # es
+                         [0.2, 0.034, 0.05, 0.30, 0.25]])    # it
+    freq = torch.full_like(mean, 0.5)
+    freq[:, 0] = 1e-4
+    assert edit.labels_of(mean, freq, cfg.languages, cfg) == ["dead", "de-only", "de+es", "foreign", "general"]
+
+
 def test_edit_objective_hand_values_and_token_budget():
     V, T = 50, 8
     uniform = torch.zeros(2, T, V)
@@ -1458,6 +1528,9 @@ def test_edit_pipeline_end_to_end_resumable_with_choices_on_dev(lm_decomposition
     assert all(set(r["test"]) == set(LANGS) and len(r["dev_grid"]) == 2 for r in rows)
     analysis = json.load(open(os.path.join(cfg.out_dir, "components.json")))
     assert len(analysis["ranked"]) == 3 and all({"m=0", "m=-1"} == set(r["screen"]) for r in analysis["ranked"])
+    scores = [r["score"] for r in analysis["ranked"]]  # mean CI on German minus on English, best first
+    assert scores == sorted(scores, reverse=True) and all(
+        r["score"] == pytest.approx(r["mean_ci"]["de"] - r["mean_ci"]["en"], abs=1e-6) for r in analysis["ranked"])
     assert sum(sum(c.values()) for c in analysis["label_counts"].values()) == sum(LM_MODULES.values()) * 2
     for name in ("summary.md", "edits.png", "edited_one.pt", "edited_lora4_all.pt"):
         assert os.path.exists(os.path.join(cfg.out_dir, name))
@@ -1489,6 +1562,11 @@ def test_edit_pipeline_end_to_end_resumable_with_choices_on_dev(lm_decomposition
     ed.base_dev, ed.base_test = {l: 0.0 for l in ed.dev}, {l: 0.0 for l in ed.test}
     row = ed.cell("one", 1, 0, analysis)
     assert row["lam"] == 2.0
+
+    def damaging_ce(model, texts, edit_=None, batch=32):  # the dev-preferred λ now costs English 0.5 nats
+        return {**fake_ce(model, texts), cfg.keep: 0.5 if fake_ce.lam == 2.0 and texts is ed.dev else 0.0}
+    monkeypatch.setattr(edit, "ce_by_language", damaging_ce)
+    assert ed.cell("one", 1, 0, analysis)["lam"] == 0.5  # more than max_damage = 0.1: not chosen
 
 
 def test_edit_cost_counts_the_decomposition_s_own_data(lm_decomposition, tmp_path):
