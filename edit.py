@@ -1,23 +1,25 @@
 """
-edit.py: edit a model through its parameter components.
+edit.py: edit a model through its parameter components, and the German-removal experiment.
 
-A decomposition written by vpd.py rewrites each decomposed matrix as W = Σ_c (V[:, c] ⊗ U[c, :])^T + Δ,
-so every subcomponent is an edit handle: a scalar prefactor m_c,
+A decomposition written by vpd.py rewrites each decomposed matrix as W = Σ_c (V[:, c] ⊗ U[c, :])^T + Δ, so every
+subcomponent is an edit handle: a scalar prefactor m_c that adds (m_c - 1) g (x · V[:, c]) U[c, :] to its matrix's
+output (Δ and biases untouched), where the gate g says where the edit acts:
 
-    W' = W + Σ_c (m_c - 1) (V[:, c] ⊗ U[c, :])^T        (Δ and biases untouched)
+    plain   g = 1: a weight edit, W' = W + (m_c - 1) (V[:, c] ⊗ U[c, :])^T, baked into an ordinary copy of the model
+    act     g = 1[|x · V[:, c]| > θ_c], θ_c a high quantile of the keep language's activations, fixed before any
+            edit: an ordinary module with one extra nonlinearity, saved and loaded without the decomposition
+    ci      g = 1[CI_c > τ]: a runtime edit that runs the decomposition's CI function beside the model
 
-m = 1 leaves the model as it is, 0 removes the subcomponent, -1 inverts it, m > 1 amplifies it. A
-subcomponent is named "<module path>:<c>", e.g. "h.1.attn.v_proj:57".
+m = 1 changes nothing, 0 removes the subcomponent, -1 inverts it. A subcomponent is named "<module path>:<c>",
+e.g. "h.1.attn.v_proj:57".
 
-    python edit.py configs/edit_tms.py --ckpt=out/tms_5_2/ckpt.pt   # the toy edit, seconds
-    python edit.py configs/edit_fortunes_quick.py                    # remove German, minutes on a CPU
-    python edit.py configs/edit_fortunes.py                          # the full token-budget sweep
+    python edit.py configs/edit_fortunes_quick.py    # remove German from the fortunes model, minutes on a CPU
+    python edit.py configs/edit_fortunes.py          # the full token-budget sweep
 
-Sections: config; §1 edit handles (scalars and LoRA as forward hooks) and baking them into weights;
-§2 what each subcomponent does, per language; §3 ranking and the causal screen; §4 the edit objective
-and its training; §5 the token-budget sweep; §6 report and figures; §7 the toy edit on TMS; entry point.
-Left out on purpose: runtime edits gated by CI, hand-written write vectors, and autointerp (we know every
-text's language, so labels come from statistics with thresholds fixed before any edit).
+Sections: config; §1 edits (scalars, LoRA and gates as forward hooks; baking and saving); §2 what each subcomponent
+does, per language; §3 the causal frontier; §4 the edit objective and its training; §5 the sweep; §6 the report.
+Left out on purpose: hand-written write vectors, and autointerp (every text's language is known, so labels come from
+statistics with thresholds fixed before any edit). The toy edit on TMS is in notebooks/tms_method.py.
 """
 import copy
 import dataclasses
@@ -30,6 +32,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -41,10 +44,15 @@ from tqdm import tqdm
 import models
 import vpd
 
-# edit methods: one scalar, the top-k scalars, all "<remove>-only" scalars, a random scalar (a control),
-# LoRA of a given rank on all decomposed matrices or on the chosen subcomponent's matrix alone
-METHOD = re.compile(r"one|top|only|random|lora([1-9][0-9]*)_(all|matrix)")
-METHODS = "one, top, only, random, lora<rank>_all, lora<rank>_matrix"
+# Edit methods, "<handles>[_<gate>]", the gate "ci" or "act" (none: a weight edit):
+#   one             Goodfire's procedure: the top "<remove>-only" subcomponent by mean-CI difference, from m = 1
+#   top, only       the top_k ranked subcomponents' scalars, or every "<remove>-only" one's, from m = 1
+#   best            the causal frontier's best subcomponent for the gate, from its m, as m = sign · exp(u)
+#   random          a control for best: a random alive subcomponent outside the ranked ones, same gate and start
+#   lora<r>_all     rank-r LoRA on every decomposed matrix (no gate)
+#   lora<r>_matrix  rank-r LoRA on one matrix: one's without a gate; with a gate, best's matrix under best's gate
+METHOD = re.compile(r"(one|top|only|best|random|lora([1-9][0-9]*)_(all|matrix))(?:_(ci|act))?")
+FORMS = ("plain", "ci", "act")
 NAMES = {"en": "English", "de": "German", "es": "Spanish", "it": "Italian", "fr": "French"}
 
 
@@ -52,10 +60,9 @@ NAMES = {"en": "English", "de": "German", "es": "Spanish", "it": "Italian", "fr"
 class EditConfig:
     ckpt: str = "out/fortunes/ckpt.pt"     # a vpd.py checkpoint: the target and its decomposition
     out_dir: str = "out/edit_fortunes"
-    task: str = "language"                 # "language": remove one language; "tms": the toy edit of §7
     device: str = "auto"                   # "auto": cuda when available
-    # text: {split}_{lang}.bin uint16 token files in `data` (data/fortunes/prepare.py); splits: train
-    # (edit training), val (what components do), dev (hyper-parameters), test (everything reported)
+    # text: {split}_{lang}.bin uint16 token files in `data` (data/fortunes/prepare.py); splits: train (edit
+    # training), val (what components do), dev (the frontier and hyper-parameters), test (everything reported)
     data: str = "data/fortunes"
     tokenizer: str = "gpt2"                # "gpt2" (data/fortunes' truncated BPE), "hf:<name or dir>", "ids"
     sources: dict = field(default_factory=dict)  # lang -> Hugging Face dataset "name[:subset]", streamed
@@ -64,82 +71,119 @@ class EditConfig:
     remove: str = "de"
     keep: str = "en"
     seq_len: int = 64
-    # §2 labels, fixed here before any edit is trained; shares are of the mean CI summed over languages
+    # §2 labels and gates, fixed here before any edit; shares are of the mean CI summed over languages
     analysis_windows: int = 200            # held-out windows per language
     fire_threshold: float = 0.1            # a subcomponent fires where its CI exceeds this
     dead_freq: float = 1e-3                # dead: fires on fewer positions than this in every language
     only_share: float = 0.8                # "<lang>-only"
     pair_share: float = 0.8                # "<lang>+<lang>"
     foreign_share: float = 0.1             # "foreign": the keep language's share at most this
-    top_k: int = 16                        # ranked by mean CI on `remove` minus on `keep`; screened one by one
+    top_k: int = 16                        # ranked by mean CI on `remove` minus on `keep`
     n_contexts: int = 2                    # top-activating contexts per language and ranked subcomponent
-    # §4-5 the edits: every method starts from the unedited model, same optimiser, steps and grid size
-    methods: list = field(default_factory=lambda: ["one", "top", "only", "random", "lora1_all", "lora4_all",
-                                                   "lora1_matrix", "lora4_matrix"])
+    ci_tau: float = 0.5                    # the CI gate: where CI > ci_tau
+    act_quantile: float = 0.99             # the activation gate: where |x·V_c| > this quantile of it on `keep`
+    # §3 the causal frontier on the dev split: every alive subcomponent (or the frontier_top ranked ones) x gate x m
+    frontier_windows: int = 8
+    frontier_grid: list = field(default_factory=lambda: [-100.0, -30.0, -10.0, -1.0, 0.0, 3.0, 10.0, 30.0])
+    frontier_top: int = 0                  # 0: every alive subcomponent
+    # §4-5 the edits: every method starts from the unedited model (best, random: from the frontier's m)
+    methods: list = field(default_factory=lambda: ["one", "top", "best", "best_act", "best_ci", "lora1_all"])
     budgets: list = field(default_factory=lambda: [2 ** i for i in range(11)])  # supervised tokens to remove
     seeds: list = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 100                       # Adam steps per edit
-    keep_batch: int = 16                   # windows of the keep language per step, for the KL, taken in turn
+    steps: int = 40                        # Adam steps per edit
+    keep_batch: int = 8                    # windows of the keep language per step, for the KL, taken in turn
     keep_windows: int = 128                # from a fixed set of training windows, their original logits cached
-    scalar_lrs: list = field(default_factory=lambda: [0.03, 0.1, 0.3])
-    lora_lrs: list = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
-    lambdas: list = field(default_factory=lambda: [0.3, 1.0, 3.0])
-    eval_windows: int = 128                # dev and test windows per language
+    scalar_lrs: list = field(default_factory=lambda: [0.1, 0.3])   # m itself
+    log_lrs: list = field(default_factory=lambda: [0.03, 0.1])     # u in m = sign · exp(u): moves by factors
+    lora_lrs: list = field(default_factory=lambda: [3e-3, 1e-2])
+    lambdas: list = field(default_factory=lambda: [0.1, 1.0, 10.0])
+    eval_windows: int = 96                 # dev and test windows per language
     max_damage: float = 0.1                # nats of keep-language CE an edit may cost (selection, tokens to chance)
     chance_fraction: float = 0.95          # "at chance": this far from the base CE to ln(vocabulary)
-    save_budget: int = 64                  # the budget whose seed-0 edits are saved and shown
+    save_budget: int = 64                  # the budget whose seed-0 edits are saved
     decomposition_processes: int = 1       # processes the decomposition ran on (torchrun), for its cost
-    # §7 the toy edit
-    feature: int = 0                       # the TMS feature whose subcomponent is edited
-    tms_budgets: list = field(default_factory=lambda: [1, 2, 4, 8, 16])
 
 
 # -----------------------------------------------------------------------------
-# §1 Edit handles
+# §1 Edits: scalar prefactors and LoRA as forward hooks, their gates, baking and saving
 
-def parse_key(key: str, components: dict):
-    """ "<module path>:<c>" -> (path, c), checked against the decomposition."""
-    path, _, c = key.rpartition(":")
-    if path not in components:
-        raise KeyError(f"subcomponent {key!r}: {path!r} is not a decomposed matrix; decomposed: {list(components)}")
-    C = components[path]["V"].shape[1]
-    if not c.isdigit() or int(c) >= C:
-        raise KeyError(f"subcomponent {key!r}: index must be an integer in [0, {C}) for {path}")
-    return path, int(c)
+def chosen(keys: list, components: dict) -> dict:
+    """ "<module path>:<c>" keys, checked against the decomposition -> {path: ([positions in keys], [c])}."""
+    out = {}
+    for i, key in enumerate(keys):
+        path, _, c = key.rpartition(":")
+        if path not in components:
+            raise KeyError(f"subcomponent {key!r}: {path!r} is not a decomposed matrix; decomposed: {list(components)}")
+        C = components[path]["V"].shape[1]
+        if not c.isdigit() or int(c) >= C:
+            raise KeyError(f"subcomponent {key!r}: index must be an integer in [0, {C}) for {path}")
+        out.setdefault(path, ([], []))[0].append(i)
+        out[path][1].append(int(c))
+    return out
+
+
+class Gate:
+    """Where an edit acts, one gate per subcomponent in `keys`: where |x · V[:, c]| exceeds its threshold ("act"),
+    or where its CI exceeds tau ("ci", the CI of an unedited run of the decomposition on the same input, which
+    `read` computes before every edited forward)."""
+
+    def __init__(self, kind: str, keys: list, components: dict, thresholds: dict, dec=None, tau=0.5):
+        self.kind, self.dec, self.tau, self.ci = kind, dec, tau, None
+        offsets = dict(zip(components, np.cumsum([0] + [c["V"].shape[1] for c in components.values()]).tolist()))
+        self.where = {}  # path -> (V[:, cs] [d_in, k], thresholds [k], columns of the CI [k])
+        for path, (ms, cs) in chosen(keys, components).items():
+            V = components[path]["V"][:, cs]
+            theta = torch.tensor([thresholds[keys[i]] for i in ms], device=V.device) if kind == "act" else None
+            self.where[path] = (V, theta, [offsets[path] + c for c in cs])
+
+    @torch.no_grad()
+    def read(self, x):
+        self.dec(x)
+        self.ci = self.dec.causal_importance()[0]                              # [B, T, ΣC]
+
+    def __call__(self, path, x):  # x [..., d_in] -> [..., k]: 1 where the edit acts
+        V, theta, columns = self.where[path]
+        on = (x @ V).abs() > theta if self.kind == "act" else self.ci[..., columns] > self.tau
+        return on.to(x.dtype)
 
 
 class ScalarEdit(nn.Module):
-    """One prefactor m_c per chosen subcomponent, starting at 1 (no change). Its low-rank factors per
-    matrix: P = V[:, cs] (m - 1) [d_in, k] and Q = U[cs] [k, d_out], so W' = W + (P Q)^T."""
+    """A prefactor m_k per chosen subcomponent c_k: its matrix's output gets Σ_k (m_k - 1) g_k (x · V[:, c_k]) U[c_k, :].
+    init: the starting m (1: no change). log_scale: m = sign(init) exp(u), so that Adam moves m by factors and
+    reaches |m| of tens in a few steps (from m = 1 it sits on a ridge: the target was trained there)."""
 
-    def __init__(self, components: dict, keys: list, init: float = 1.0):
+    def __init__(self, components: dict, keys: list, init=1.0, gate: Gate = None, log_scale=False):
         super().__init__()
-        self.keys, self.m = list(keys), nn.Parameter(torch.full((len(keys),), float(init)))
-        chosen = {}  # path -> (positions in m, subcomponent indices)
-        for i, (path, c) in enumerate(parse_key(k, components) for k in keys):
-            chosen.setdefault(path, ([], []))[0].append(i)
-            chosen[path][1].append(c)
-        # path -> (positions in m, V[:, cs] [d_in, k], U[cs] [k, d_out]): sliced once, only m is trained
+        self.keys, self.gate, self.log_scale = list(keys), gate, log_scale
+        init = torch.full((len(self.keys),), float(init))
+        self.sign = torch.where(init < 0, -1.0, 1.0)
+        self.u = nn.Parameter(init.abs().clamp(min=1e-2).log() if log_scale else init)
+        # path -> (positions in m, V[:, cs] [d_in, k], U[cs] [k, d_out]): sliced once, only u is trained
         self.where = {path: (ms, components[path]["V"][:, cs], components[path]["U"][cs])
-                      for path, (ms, cs) in chosen.items()}
+                      for path, (ms, cs) in chosen(self.keys, components).items()}
 
-    def factors(self) -> dict:
-        return {path: (V * (self.m[ms] - 1), U) for path, (ms, V, U) in self.where.items()}
+    def m(self):
+        return self.sign.to(self.u.device) * self.u.exp() if self.log_scale else self.u
+
+    def factors(self) -> dict:  # path -> (P [d_in, k], Q [k, d_out]): the edit adds ((x P) ⊙ g) Q
+        m = self.m()
+        return {path: (V * (m[ms] - 1), U) for path, (ms, V, U) in self.where.items()}
 
     def prefactors(self) -> dict:
-        return dict(zip(self.keys, self.m.tolist()))
+        return dict(zip(self.keys, self.m().tolist()))
 
 
 class LoRA(nn.Module):
-    """W' = W + (A B)^T per matrix, A [d_in, r] random, B [r, d_out] zero: no change until B moves."""
+    """W' = W + (A B)^T per matrix, A [d_in, r] random, B [r, d_out] zero: no change until B moves. With a gate (of one
+    subcomponent of its one matrix), the update acts only where that gate is on."""
 
-    def __init__(self, model: nn.Module, paths: list, rank: int, seed: int):
+    def __init__(self, model: nn.Module, paths: list, rank: int, seed: int, gate: Gate = None):
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.paths = list(paths)
-        shapes = [linear_weight(model.get_submodule(p)).shape for p in self.paths]  # [d_out, d_in]
-        self.A = nn.ParameterList(torch.randn(d_in, rank, generator=g) / math.sqrt(d_in) for _, d_in in shapes)
-        self.B = nn.ParameterList(torch.zeros(rank, d_out) for d_out, _ in shapes)
+        g, self.paths, self.gate = torch.Generator().manual_seed(seed), list(paths), gate
+        shapes = [vpd.weight_of(model.get_submodule(p)).shape for p in self.paths]  # [d_out, d_in]
+        device = next(model.parameters()).device
+        self.A = nn.ParameterList((torch.randn(d_in, rank, generator=g) / math.sqrt(d_in)).to(device) for _, d_in in shapes)
+        self.B = nn.ParameterList(torch.zeros(rank, d_out, device=device) for d_out, _ in shapes)
 
     def factors(self) -> dict:
         return {p: (A, B) for p, A, B in zip(self.paths, self.A, self.B)}
@@ -147,10 +191,17 @@ class LoRA(nn.Module):
 
 @contextmanager
 def applied(edit: nn.Module, model: nn.Module):
-    """Run `model` with the edit as forward hooks, out += (x P) Q: the weights are never copied, and the
+    """Run `model` with the edit as forward hooks, out += ((x P) ⊙ g) Q: the weights are never copied, and the
     factors are built once for everything run inside the block."""
-    hooks = [model.get_submodule(path).register_forward_hook(lambda mod, inp, out, P=P, Q=Q: out + (inp[0] @ P) @ Q)
+    gate = edit.gate
+
+    def hook(path, P, Q, module, inputs, out):
+        h = inputs[0] @ P
+        return out + (h if gate is None else h * gate(path, inputs[0])) @ Q
+    hooks = [model.get_submodule(path).register_forward_hook(partial(hook, path, P, Q))
              for path, (P, Q) in edit.factors().items()]
+    if gate is not None and gate.kind == "ci":  # the CI of each input, from the decomposition, before the edited forward
+        hooks.append(model.register_forward_pre_hook(lambda module, args: gate.read(args[0])))
     try:
         yield model
     finally:
@@ -158,37 +209,54 @@ def applied(edit: nn.Module, model: nn.Module):
             h.remove()
 
 
-def linear_weight(layer: nn.Module) -> torch.Tensor:
-    """[d_out, d_in]: an nn.Linear's weight, or a Hugging Face Conv1D's (stored [d_in, d_out]) as a view."""
-    return layer.weight.T if vpd.is_conv1d(layer) else layer.weight
+class ActivationGated(nn.Module):
+    """A matrix with an activation-gated edit written in: linear(x) + ((x P) ⊙ 1[|x R| > θ]) Q. Plain tensors: it
+    needs no decomposition to run, save or load."""
+
+    def __init__(self, linear: nn.Module, P, Q, R, theta):
+        super().__init__()
+        self.linear = linear
+        for name, t in (("P", P), ("Q", Q), ("R", R), ("theta", theta)):
+            self.register_buffer(name, t.detach().clone())
+
+    def forward(self, x):
+        return self.linear(x) + ((x @ self.P) * ((x @ self.R).abs() > self.theta)) @ self.Q
 
 
 @torch.no_grad()
 def bake(edit: nn.Module, model: nn.Module) -> nn.Module:
-    """An ordinary copy of the model with the edit written into its weights, W' = W + (P Q)^T."""
+    """An ordinary copy of the model with the edit written in: into the weights, W' = W + (P Q)^T, or for an
+    activation gate as ActivationGated modules. A CI gate runs the decomposition at inference: it cannot be baked."""
+    if edit.gate is not None and edit.gate.kind == "ci":
+        raise ValueError("a CI-gated edit runs the decomposition's CI function at inference: it cannot be baked")
     baked = copy.deepcopy(model)
     for path, (P, Q) in edit.factors().items():
-        linear_weight(baked.get_submodule(path)).add_((P @ Q).T)
+        module = baked.get_submodule(path)
+        if edit.gate is None:
+            vpd.weight_of(module).add_((P @ Q).T)
+        else:
+            V, theta, _ = edit.gate.where[path]
+            baked.set_submodule(path, ActivationGated(module, P, Q, V, theta))
     return baked
 
 
-def load_decomposition(path: str, device="cpu"):
-    """A vpd.py checkpoint -> (the plain target, its Decomposition on a copy of it, {path: {"V", "U"}},
-    the target's config, the decomposition's config). The plain target is what edits are applied to and
-    saved from; the decomposition gives CI."""
-    ckpt = vpd.load_checkpoint(path, keys=("config", "components", "target", "ci_fn"))  # no optimizer needed
-    known = {f.name for f in dataclasses.fields(models.TargetConfig)}
-    tcfg = models.TargetConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
-    target = models.build_model(tcfg)
-    target.load_state_dict(ckpt["target"])
-    target.to(device).eval().requires_grad_(False)
-    known = {f.name for f in dataclasses.fields(vpd.Config)}
-    cfg = vpd.Config(**{k: v for k, v in ckpt["config"].items() if k in known})
-    dec = vpd.Decomposition(copy.deepcopy(target), cfg)
-    vpd.load_decomposition_state(dec, ckpt, path)
-    dec.to(device).eval()
-    components = {n: {"V": c.V.detach(), "U": c.U.detach()} for n, c in dec.comps.items()}
-    return target, dec, components, tcfg, cfg
+def save_edited(path: str, baked: nn.Module):
+    """A plain state dict; with activation gates, {"model": the target's state dict, "gates": {path: tensors}}."""
+    gated = {n: m for n, m in baked.named_modules() if isinstance(m, ActivationGated)}
+    state = baked.state_dict()
+    for name in gated:  # the target's own keys, the gates apart
+        state = {k.replace(f"{name}.linear.", f"{name}."): v for k, v in state.items() if k.rpartition(".")[0] != name}
+    vpd.save_checkpoint(path, {"model": state, "gates": {n: dict(m.named_buffers()) for n, m in gated.items()}}
+                        if gated else state)
+
+
+def load_edited(path: str, tcfg: models.TargetConfig) -> nn.Module:
+    """What save_edited wrote, into the target's own class (torch.load with weights_only)."""
+    saved, model = torch.load(path, map_location="cpu", weights_only=True), models.build_model(tcfg)
+    model.load_state_dict(saved["model"] if "gates" in saved else saved)
+    for name, buffers in saved.get("gates", {}).items():
+        model.set_submodule(name, ActivationGated(model.get_submodule(name), **buffers))
+    return model.eval().requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
@@ -240,18 +308,34 @@ def windows(tokens: torch.Tensor, n: int, T: int, generator=None) -> torch.Tenso
 
 
 @torch.no_grad()
-def component_stats(dec, texts: dict, fire_threshold: float, batch=32):
+def ci_and_activations(dec, w, columns=None, batch=32):
+    """CI and |x · V[:, c]| of the subcomponents (all, or the given columns of ΣC) at every position of windows
+    w [N, T + 1], chunk by chunk: pairs of [B, T, k]."""
+    for chunk in w.split(batch):
+        dec(chunk[:, :-1])
+        ci = dec.causal_importance()[0]
+        acts = torch.cat([c.input @ c.V for c in dec.comps.values()], -1).abs()
+        yield (ci, acts) if columns is None else (ci[..., columns], acts[..., columns])
+
+
+def component_stats(dec, texts: dict, fire_threshold: float):
     """Per language: mean CI per position and firing frequency of every subcomponent, each [L, ΣC]."""
     mean, freq = [], []
     for w in texts.values():
-        s, f = 0, 0
-        for chunk in w.split(batch):
-            dec(chunk[:, :-1])
-            ci = dec.causal_importance()[0].flatten(0, -2)            # [B T, ΣC]
-            s, f = s + ci.sum(0), f + (ci > fire_threshold).sum(0)
-        mean.append(s / w[:, :-1].numel())
-        freq.append(f / w[:, :-1].numel())
+        stats = [(ci.flatten(0, -2).sum(0), (ci > fire_threshold).flatten(0, -2).sum(0)) for ci, _ in ci_and_activations(dec, w)]
+        mean.append(sum(s for s, _ in stats) / w[:, :-1].numel())
+        freq.append(sum(f for _, f in stats) / w[:, :-1].numel())
     return torch.stack(mean), torch.stack(freq)
+
+
+def activation_thresholds(dec, w, quantile: float) -> torch.Tensor:
+    """The `quantile` of |x · V[:, c]| over every position of windows w, per subcomponent [ΣC]: a running top-k of
+    the largest values, so that memory grows with ΣC·k, not with ΣC·positions."""
+    k, top = max(1, math.ceil((1 - quantile) * w[:, :-1].numel())), None
+    for _, acts in ci_and_activations(dec, w):
+        acts = acts.flatten(0, -2) if top is None else torch.cat([top, acts.flatten(0, -2)])
+        top = acts.topk(min(k, len(acts)), 0).values
+    return top[-1]
 
 
 def labels_of(mean, freq, languages: list, cfg: EditConfig) -> list:
@@ -275,17 +359,12 @@ def labels_of(mean, freq, languages: list, cfg: EditConfig) -> list:
     return out
 
 
-@torch.no_grad()
-def top_contexts(dec, texts: dict, indices: list, decode, n: int, width=20, batch=32) -> dict:
+def top_contexts(dec, texts: dict, indices: list, decode, n: int, width=20) -> dict:
     """For each subcomponent in `indices` (of ΣC), its n positions of highest CI in each language,
     decoded as "<lang> (CI): ... [[token]] ...", with `width` tokens before the firing token."""
     found = {i: [] for i in indices}
     for lang, w in texts.items():
-        ci = []
-        for chunk in w.split(batch):
-            dec(chunk[:, :-1])
-            ci.append(dec.causal_importance()[0][..., indices])
-        ci = torch.cat(ci)                                                # [N, T, k]
+        ci = torch.cat([ci for ci, _ in ci_and_activations(dec, w, indices)])   # [N, T, k]
         values, flat = ci.flatten(0, 1).topk(min(n, ci.shape[0] * ci.shape[1]), dim=0)  # [n, k]
         for k, i in enumerate(indices):
             for v, f in zip(values[:, k].tolist(), flat[:, k].tolist()):
@@ -302,16 +381,16 @@ def token_decoder(cfg: EditConfig, vocab_size: int):
         prepare = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(prepare)
         enc = prepare.gpt2_encoding(vocab_size)
-        return lambda ids: enc.decode(ids).replace("\n", "⏎")
+        return lambda ids: enc.decode(ids).replace("\n", "⏎").replace("\t", "⇥")
     if cfg.tokenizer.startswith("hf:"):
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(cfg.tokenizer[3:])
-        return lambda ids: tok.decode(ids).replace("\n", "⏎")
+        return lambda ids: tok.decode(ids).replace("\n", "⏎").replace("\t", "⇥")
     return lambda ids: " ".join(map(str, ids))
 
 
 # -----------------------------------------------------------------------------
-# §3 Ranking and the causal screen
+# §3 The causal frontier: what one subcomponent's scalar does, for every candidate, gate and m
 
 @torch.no_grad()
 def ce_by_language(model, texts: dict, edit=None, batch=32) -> dict:
@@ -325,15 +404,51 @@ def ce_by_language(model, texts: dict, edit=None, batch=32) -> dict:
     return out
 
 
-def causal_screen(model, components, keys: list, texts: dict, base: dict) -> dict:
-    """CE change per language when one subcomponent alone is ablated (m = 0) or inverted (m = -1)."""
-    screen = {}
-    for key in tqdm(keys, desc="causal screen", dynamic_ncols=True):
-        screen[key] = {}
-        for m in (0.0, -1.0):
-            ce = ce_by_language(model, texts, ScalarEdit(components, [key], init=m))
-            screen[key][f"m={m:g}"] = {lang: ce[lang] - base[lang] for lang in texts}
-    return screen
+@torch.no_grad()
+def frontier(model, dec, components, keys: list, texts: dict, grid: list, thresholds: dict, tau: float, batch=64):
+    """CE change per language when one subcomponent's scalar alone is set to each m of the grid, for every key and
+    gate: {form: {key: {lang: [ΔCE per m]}}}. One edited window per row, many (subcomponent, m) pairs per batch. A
+    window where a gate is never on is the unedited one, so only the others run: a gated edit costs less."""
+    flat = {f"{n}:{c}": i for i, (n, c) in enumerate((n, c) for n, comp in components.items() for c in range(comp["V"].shape[1]))}
+    theta = torch.tensor([thresholds[k] for k in keys])
+    out = {form: {k: {} for k in keys} for form in FORMS}
+    bar = tqdm(total=len(texts) * len(keys) * len(FORMS), desc="frontier", unit="screen", dynamic_ncols=True)
+    for lang, w in texts.items():
+        x, y = w[:, :-1], w[:, 1:]
+        base = torch.cat([F.cross_entropy(vpd.output_logits(model(c)).float().transpose(1, 2), l, reduction="none").sum(1)
+                          for c, l in zip(x.split(batch), y.split(batch))])            # [N] CE summed per window
+        ci, acts = (torch.cat(t) for t in zip(*ci_and_activations(dec, w, [flat[k] for k in keys])))  # [N, T, K]
+        gates = {"plain": torch.ones_like(ci), "ci": (ci > tau).float(), "act": (acts > theta.to(acts.device)).float()}
+        for path, (ms, cs) in chosen(keys, components).items():
+            V, U = components[path]["V"][:, cs].T, components[path]["U"][cs]         # [k, d_in], [k, d_out]
+            for form in FORMS:
+                g = gates[form][..., ms]                                            # [N, T, k]
+                rows = [(j, i, m) for j in range(len(cs)) for i in g[..., j].any(1).nonzero()[:, 0].tolist()
+                        for m in range(len(grid))]
+                diff = torch.zeros(len(cs), len(grid))
+                for chunk in torch.tensor(rows, dtype=torch.long).split(batch) if rows else []:
+                    j, i, m = chunk.T
+                    coef = (torch.tensor(grid)[m] - 1).to(x.device)[:, None] * g[i, :, j]  # [R, T]
+                    hook = model.get_submodule(path).register_forward_hook(
+                        lambda mod, inp, o: o + (coef * torch.einsum("rtd,rd->rt", inp[0], V[j]))[..., None] * U[j][:, None])
+                    try:
+                        logits = vpd.output_logits(model(x[i])).float()
+                    finally:
+                        hook.remove()
+                    ce = F.cross_entropy(logits.transpose(1, 2), y[i], reduction="none").sum(1)
+                    diff.index_put_((j.cpu(), m.cpu()), (ce - base[i]).cpu(), accumulate=True)
+                for j, key in enumerate(keys[k] for k in ms):
+                    out[form][key][lang] = (diff[j] / y.numel()).tolist()
+                bar.update(len(cs))
+    bar.close()
+    return out
+
+
+def best_point(de: list, en: list, gap: float, max_damage: float) -> int:
+    """The grid point that moves the language to remove furthest towards chance (gap nats away) within max_damage on
+    the keep language, ties to the least damage; with none within max_damage, the least damage."""
+    ok = [i for i in range(len(de)) if en[i] <= max_damage]
+    return max(ok, key=lambda i: (min(de[i], gap), -en[i])) if ok else min(range(len(de)), key=lambda i: en[i])
 
 
 # -----------------------------------------------------------------------------
@@ -379,25 +494,42 @@ def flops_of(fn) -> int:
 
 
 # -----------------------------------------------------------------------------
-# §5 The token-budget sweep
+# §5 The sweep
+
+def resumable(path: str, inputs: dict, compute, what: str):
+    """The JSON file at `path` when it was computed from the same inputs, else compute() written there atomically;
+    never another run's (a sweep of other inputs must not mix its results with these)."""
+    if os.path.exists(path):
+        saved = json.load(open(path))
+        if saved.get("inputs") != inputs:
+            changed = sorted(k for k in {*saved.get("inputs", {}), *inputs} if saved.get("inputs", {}).get(k) != inputs.get(k))
+            raise ValueError(f"{os.path.dirname(path)} holds a sweep of other inputs (differing: {changed}): give another "
+                             f"out_dir, or delete its {what} to start afresh")
+        return saved
+    saved = {**compute(), "inputs": inputs}
+    with open(path + ".tmp", "w") as f:
+        json.dump(saved, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return saved
+
 
 class Editing:
     """Everything the sweep needs, loaded once: the target, its components, the texts of every split and
-    language, the base CE, the ranked subcomponents and the methods' subcomponents."""
+    language and the base CE; then the analysis (labels, ranking, gates' thresholds) and the frontier."""
 
     def __init__(self, cfg: EditConfig):
         if cfg.device == "auto":
             cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.cfg = cfg
-        self.target, self.dec, self.components, self.tcfg, self.vcfg = load_decomposition(cfg.ckpt, cfg.device)
+        self.target, self.dec, self.components, self.tcfg, self.vcfg = vpd.load_decomposition(cfg.ckpt, cfg.device)
         if self.tcfg.model != "llama_simple_mlp" and not self.tcfg.model.startswith("hf:"):
-            raise ValueError(f"{cfg.ckpt} decomposes a {self.tcfg.model!r} model; task 'language' edits a language "
-                             "model (task='tms' edits TMS)")
+            raise ValueError(f"{cfg.ckpt} decomposes a {self.tcfg.model!r} model; edit.py edits a language model")
         for lang in (cfg.remove, cfg.keep):
             if lang not in cfg.languages:
                 raise ValueError(f"{lang!r} must be one of languages={cfg.languages}")
         self.vocab = self.tcfg.vocab_size  # what the logits span (an hf: model's padded rows included)
         self.chance = math.log(self.vocab)  # the uniform distribution's CE
+        self.keys = [f"{n}:{c}" for n, comp in self.components.items() for c in range(comp["V"].shape[1])]
         T, device = cfg.seq_len, cfg.device
         text = {lang: load_language(cfg, lang) for lang in cfg.languages}
         for lang, splits in text.items():
@@ -409,10 +541,11 @@ class Editing:
         with torch.no_grad():
             self.keep = (keep, vpd.output_logits(self.target(keep)))    # what the KL holds the edits to
         self.val = {lang: windows(text[lang]["val"], cfg.analysis_windows, T).to(device) for lang in cfg.languages}
-        self.dev = {lang: windows(text[lang]["dev"], cfg.eval_windows, T).to(device) for lang in (cfg.remove, cfg.keep)}
+        pair = (cfg.remove, cfg.keep)
+        self.screen = {lang: windows(text[lang]["dev"], cfg.frontier_windows, T).to(device) for lang in pair}
+        self.dev = {lang: windows(text[lang]["dev"], cfg.eval_windows, T).to(device) for lang in pair}
         self.test = {lang: windows(text[lang]["test"], cfg.eval_windows, T).to(device) for lang in cfg.languages}
-        self.base_dev = ce_by_language(self.target, self.dev)
-        self.base_test = ce_by_language(self.target, self.test)
+        self.base_dev, self.base_test = ce_by_language(self.target, self.dev), ce_by_language(self.target, self.test)
 
     def inputs(self) -> dict:
         """What the analysis and every cell depend on: the decomposition (a checksum of V, whatever its path)
@@ -421,69 +554,88 @@ class Editing:
         return {**{k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in extendable},
                 "V_checksum": sum(c["V"].cpu().double().sum().item() for c in self.components.values())}
 
-    def keys(self, indices) -> list:
-        flat = [f"{n}:{c}" for n, comp in self.components.items() for c in range(comp["V"].shape[1])]
-        return [flat[i] for i in indices]
-
     def analyse(self, decode) -> dict:
-        """Labels, ranking and causal screen, fixed before any edit is trained (components.json)."""
+        """Labels, ranking and the activation gates' thresholds, fixed before any edit is trained."""
         cfg = self.cfg
         mean, freq = component_stats(self.dec, self.val, cfg.fire_threshold)
         labels = labels_of(mean, freq, cfg.languages, cfg)
         L = cfg.languages.index
         score = mean[L(cfg.remove)] - mean[L(cfg.keep)]
-        top = score.topk(cfg.top_k).indices.tolist()
-        keys = self.keys(range(len(labels)))
-        counts = {}
-        for key, label in zip(keys, labels):
-            path = key.rpartition(":")[0]
-            per_path = counts.setdefault(path, {})
-            per_path[label] = per_path.get(label, 0) + 1
+        order = score.argsort(descending=True).tolist()
+        top = order[:cfg.top_k]
         contexts = top_contexts(self.dec, self.val, top, decode, cfg.n_contexts)
-        ranked = [{"key": keys[i], "label": labels[i], "score": score[i].item(),
+        ranked = [{"key": self.keys[i], "label": labels[i], "score": score[i].item(),
                    "mean_ci": dict(zip(cfg.languages, mean[:, i].tolist())),
                    "freq": dict(zip(cfg.languages, freq[:, i].tolist())), "contexts": contexts[i]} for i in top]
-        screen = causal_screen(self.target, self.components, [r["key"] for r in ranked], self.test, self.base_test)
-        for r in ranked:
-            r["screen"] = screen[r["key"]]
         only = [r["key"] for r in ranked if r["label"] == f"{cfg.remove}-only"]
-        alive = [k for k, label in zip(keys, labels) if label != "dead" and k not in {r["key"] for r in ranked}]
-        return {"ckpt": cfg.ckpt, "labels": dict(zip(keys, labels)), "label_counts": counts, "ranked": ranked,
-                "chosen": only[0] if only else ranked[0]["key"], "chosen_is_only": bool(only), "alive_others": alive}
+        alive = [self.keys[i] for i in order if mean[:, i].mean() > self.vcfg.alive_threshold]  # by rank
+        thresholds = activation_thresholds(self.dec, self.val[cfg.keep], cfg.act_quantile).tolist()
+        return {"ckpt": cfg.ckpt, "labels": dict(zip(self.keys, labels)), "rank": {self.keys[i]: r + 1 for r, i in enumerate(order)},
+                "ranked": ranked, "chosen": only[0] if only else ranked[0]["key"], "chosen_is_only": bool(only),
+                "alive": alive, "alive_others": [k for k in alive if k not in {r["key"] for r in ranked}],
+                "thresholds": dict(zip(self.keys, thresholds))}
 
-    def edit_for(self, method: str, analysis: dict, seed: int) -> nn.Module:
-        if method == "one":
-            return ScalarEdit(self.components, [analysis["chosen"]])
-        if method == "top":
-            return ScalarEdit(self.components, [r["key"] for r in analysis["ranked"]])
-        if method == "only":  # every subcomponent labelled "<remove>-only": the decomposition's German parts together
-            only = [k for k, label in analysis["labels"].items() if label == f"{self.cfg.remove}-only"]
-            if not only:
-                raise ValueError(f"method 'only': no subcomponent is labelled {self.cfg.remove}-only")
-            return ScalarEdit(self.components, only)
-        if method == "random":  # a control: an alive subcomponent outside the ranked ones, one per seed
+    def frontier(self, analysis: dict) -> dict:
+        """The frontier on the dev split's screen windows, each (subcomponent, gate) at its best m (best_point)."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        keys = analysis["alive"][:cfg.frontier_top or None]
+        keys += [analysis["chosen"]] * (analysis["chosen"] not in keys)  # Goodfire's pick, to compare with
+        raw = frontier(self.target, self.dec, self.components, keys, self.screen, cfg.frontier_grid,
+                       analysis["thresholds"], cfg.ci_tau)
+        base = ce_by_language(self.target, self.screen)
+        gap = self.chance - base[cfg.remove]
+        entries, best = [], {}
+        for form in FORMS:
+            for key in keys:
+                de, en = raw[form][key][cfg.remove], raw[form][key][cfg.keep]
+                i = best_point(de, en, gap, cfg.max_damage)
+                entry = {"key": key, "form": form, "label": analysis["labels"][key], "rank": analysis["rank"][key],
+                         "m": cfg.frontier_grid[i], "remove": de[i], "keep": en[i], "grid": {"remove": de, "keep": en}}
+                entries.append(entry)
+                if form not in best or best_point([best[form]["remove"], de[i]], [best[form]["keep"], en[i]], gap,
+                                                  cfg.max_damage) == 1:
+                    best[form] = entry
+        return {"grid": cfg.frontier_grid, "base": base, "gap": gap, "windows": cfg.frontier_windows,
+                "remove_tokens": self.screen[cfg.remove][:, 1:].numel(), "candidates": len(keys),
+                "seconds": time.perf_counter() - t0, "best": best, "goodfire_pick": analysis["chosen"], "entries": entries}
+
+    def edit_for(self, method: str, analysis: dict, front: dict, seed: int) -> nn.Module:
+        handles, rank, scope, form = METHOD.fullmatch(method).groups()
+        best = front["best"][form or "plain"]
+
+        def gate(keys):
+            return form and Gate(form, keys, self.components, analysis["thresholds"], self.dec, self.cfg.ci_tau)
+        if rank:
+            if scope == "all" and form:
+                raise ValueError(f"method {method!r}: a gate belongs to one subcomponent, so to lora<r>_matrix only")
+            key = best["key"] if form else analysis["chosen"]
+            paths = list(self.components) if scope == "all" else [key.rpartition(":")[0]]
+            return LoRA(self.target, paths, int(rank), seed, gate([key]))
+        if handles in ("best", "random"):  # random: one alive subcomponent outside the ranked ones per seed
             pool = analysis["alive_others"]
-            return ScalarEdit(self.components, [pool[torch.randint(len(pool), (1,),
-                                                                   generator=torch.Generator().manual_seed(seed)).item()]])
-        lora = METHOD.fullmatch(method)
-        if lora and lora[1]:
-            paths = list(self.components) if lora[2] == "all" else [analysis["chosen"].rpartition(":")[0]]
-            return LoRA(self.target, paths, int(lora[1]), seed)
-        raise ValueError(f"unknown method {method!r}: {METHODS}")
+            key = best["key"] if handles == "best" else pool[torch.randint(len(pool), (1,), generator=torch.Generator().manual_seed(seed)).item()]
+            return ScalarEdit(self.components, [key], init=best["m"], gate=gate([key]), log_scale=True)
+        if handles == "only":  # the decomposition's German parts together
+            keys = [k for k, label in analysis["labels"].items() if label == f"{self.cfg.remove}-only"]
+            if not keys:
+                raise ValueError(f"method {method!r}: no subcomponent is labelled {self.cfg.remove}-only")
+        else:
+            keys = [analysis["chosen"]] if handles == "one" else [r["key"] for r in analysis["ranked"]]
+        return ScalarEdit(self.components, keys, gate=gate(keys))
 
-    def cell(self, method: str, n: int, seed: int, analysis: dict) -> dict:
+    def cell(self, method: str, n: int, seed: int, analysis: dict, front: dict) -> dict:
         """One method at one budget and seed: every grid point trained on the same n tokens, the one chosen
         on dev (most CE on the language to remove with at most max_damage on the keep language), then tested."""
         cfg, t0 = self.cfg, time.perf_counter()
         x, y = budget_batch(self.train, n, cfg.seq_len, seed, cfg.device)
-        lrs = cfg.lora_lrs if method.startswith("lora") else cfg.scalar_lrs
+        handles, rank = METHOD.fullmatch(method).group(1, 2)
+        lrs = cfg.lora_lrs if rank else cfg.log_lrs if handles in ("best", "random") else cfg.scalar_lrs
         grid = []
         for lr in lrs:
             for lam in cfg.lambdas:
-                edit = train_edit(self.target, self.edit_for(method, analysis, seed), x, y, self.keep, lr, lam,
+                edit = train_edit(self.target, self.edit_for(method, analysis, front, seed), x, y, self.keep, lr, lam,
                                   self.chance, cfg)
-                dev = ce_by_language(self.target, self.dev, edit)
-                grid.append({"lr": lr, "lam": lam, "dev": dev, "edit": edit})
+                grid.append({"lr": lr, "lam": lam, "dev": ce_by_language(self.target, self.dev, edit), "edit": edit})
         damage = lambda g: g["dev"][cfg.keep] - self.base_dev[cfg.keep]
         ok = [g for g in grid if damage(g) <= cfg.max_damage] or [min(grid, key=damage)]
         best = max(ok, key=lambda g: (min(g["dev"][cfg.remove], self.chance), -damage(g)))
@@ -491,18 +643,17 @@ class Editing:
         row = {"method": method, "n": n, "seed": seed, "lr": best["lr"], "lam": best["lam"], "test": test,
                "damage": test[cfg.keep] - self.base_test[cfg.keep],
                "progress": (test[cfg.remove] - self.base_test[cfg.remove]) / (self.chance - self.base_test[cfg.remove]),
-               "dev_grid": [{k: g[k] for k in ("lr", "lam", "dev")} for g in grid],
-               "seconds": time.perf_counter() - t0}
+               "dev_grid": [{k: g[k] for k in ("lr", "lam", "dev")} for g in grid], "seconds": time.perf_counter() - t0}
         if isinstance(best["edit"], ScalarEdit):
             row["prefactors"] = best["edit"].prefactors()
-        if n == cfg.save_budget and seed == 0:
-            # a plain state dict, written atomically: torch.load(path, weights_only=True) into the model class
-            path = os.path.join(cfg.out_dir, f"edited_{method}.pt")
-            vpd.save_checkpoint(path, bake(best["edit"], self.target).state_dict())
+        if n == cfg.save_budget and seed == 0 and "_ci" not in method:  # CI-gated edits run only beside the decomposition
+            save_edited(os.path.join(cfg.out_dir, f"edited_{method}.pt"), bake(best["edit"], self.target))
         return row
 
-    def cost(self, analysis) -> dict:
-        """German tokens and FLOPs: the decomposition (its training steps), its analysis, and one edit."""
+    def costs(self, analysis: dict, front: dict) -> dict:
+        """German tokens and FLOPs: the decomposition (its training steps), its analysis and frontier, one edit; and per
+        method its trained parameters and inference FLOPs per token relative to the target's (as deployed: baked where
+        it can be, a CI gate with the decomposition's CI function beside it)."""
         cfg, vcfg = self.cfg, self.vcfg
         meta = os.path.join(self.tcfg.dataset, "meta.json")  # the decomposition's data, not the edit's text
         share = json.load(open(meta)).get("train_share", {}).get(cfg.remove) if os.path.exists(meta) else None
@@ -510,42 +661,47 @@ class Editing:
         x = self.val[cfg.remove][:vcfg.batch_size, :-1]                  # one process's batch, or what there is
         with torch.enable_grad():  # vpd's own count: the four losses, the adversary's steps, the backward
             dec_step = vpd.measure_step(self.dec, vcfg, x)[1]
-        analysis_flops = flops_of(lambda: component_stats(self.dec, self.val, cfg.fire_threshold))
         xr, yr = budget_batch(self.train, cfg.save_budget, cfg.seq_len, 0, cfg.device)
         one = dataclasses.replace(cfg, steps=1)
-        edit_step = flops_of(lambda: train_edit(self.target, self.edit_for("one", analysis, 0), xr, yr,
+        edit_step = flops_of(lambda: train_edit(self.target, self.edit_for("one", analysis, front, 0), xr, yr,
                                                 self.keep, 0.1, 1.0, self.chance, one))
-        grid = len(cfg.scalar_lrs) * len(cfg.lambdas)
+        probe, target_flops, methods = self.test[cfg.keep][:2, :-1], None, {}
+        with torch.no_grad():
+            target_flops = flops_of(lambda: self.target(probe))
+            for method in cfg.methods:
+                edit = self.edit_for(method, analysis, front, 0)
+                deployed = applied(edit, self.target) if "_ci" in method else nullcontext(bake(edit, self.target))
+                with deployed as model:
+                    methods[method] = {"parameters": sum(p.numel() for p in edit.parameters()),
+                                       "inference": flops_of(lambda: model(probe)) / target_flops}
         return {"decomposition_tokens": dec_tokens, "decomposition_remove_tokens": dec_tokens * share if share else None,
                 "decomposition_flops": dec_step * vcfg.steps * vcfg.batch_size * cfg.decomposition_processes / len(x),
                 "analysis_tokens": sum(w[:, :-1].numel() for w in self.val.values()),
-                "analysis_remove_tokens": self.val[cfg.remove][:, :-1].numel(), "analysis_flops": analysis_flops,
-                "edit_remove_tokens": cfg.save_budget, "edit_flops": edit_step * cfg.steps * grid,
-                "edit_flops_note": f"one method at n = {cfg.save_budget}: {cfg.steps} steps x {grid} grid points"}
+                "analysis_remove_tokens": self.val[cfg.remove][:, :-1].numel(),
+                "analysis_flops": flops_of(lambda: component_stats(self.dec, self.val, cfg.fire_threshold)),
+                "frontier_remove_tokens": front["remove_tokens"], "frontier_seconds": front["seconds"],
+                "edit_remove_tokens": cfg.save_budget, "edit_flops": edit_step * cfg.steps * len(cfg.scalar_lrs) * len(cfg.lambdas),
+                "edit_flops_note": f"one method at n = {cfg.save_budget}: {cfg.steps} steps x "
+                                   f"{len(cfg.scalar_lrs) * len(cfg.lambdas)} grid points", "methods": methods}
 
 
 def sweep(cfg: EditConfig):
     unknown = [m for m in cfg.methods if not METHOD.fullmatch(m)]
     if unknown:  # before minutes of loading text and analysing components
-        raise ValueError(f"unknown methods {unknown}: {METHODS}")
+        raise ValueError(f"unknown methods {unknown}: see METHOD in edit.py")
     os.makedirs(cfg.out_dir, exist_ok=True)
     ed = Editing(cfg)
     decode = token_decoder(cfg, ed.vocab)
-    path = os.path.join(cfg.out_dir, "components.json")
-    analysis = json.load(open(path)) if os.path.exists(path) else None
     inputs = ed.inputs()
-    if analysis is not None and analysis.get("inputs") != inputs:  # never mix two sweeps' cells
-        old = analysis.get("inputs", {})
-        changed = sorted(k for k in {*old, *inputs} if old.get(k) != inputs.get(k))
-        raise ValueError(f"{cfg.out_dir} holds a sweep of other inputs (differing: {changed}): give another "
-                         "out_dir, or delete its components.json and results.jsonl to start afresh")
-    if analysis is None:  # labels are fixed here, before any edit
-        analysis = {**ed.analyse(decode), "inputs": inputs}
-        with open(path + ".tmp", "w") as f:
-            json.dump(analysis, f, indent=1)
-        os.replace(path + ".tmp", path)
-    print(f"chosen subcomponent {analysis['chosen']} ({analysis['labels'][analysis['chosen']]}); "
-          + ("" if analysis["chosen_is_only"] else f"none of the top {cfg.top_k} is labelled {cfg.remove}-only"))
+    analysis = resumable(os.path.join(cfg.out_dir, "components.json"), inputs, lambda: ed.analyse(decode), "components.json")
+    print(f"Goodfire's pick {analysis['chosen']} ({analysis['labels'][analysis['chosen']]})"
+          + ("" if analysis["chosen_is_only"] else f"; none of the top {cfg.top_k} is labelled {cfg.remove}-only"))
+    front = resumable(os.path.join(cfg.out_dir, "frontier.json"), inputs, lambda: ed.frontier(analysis), "frontier.json")
+    for form, b in front["best"].items():
+        print(f"frontier, {form}: {b['key']} ({b['label']}, rank {b['rank']}) at m = {b['m']:g}: {cfg.remove} "
+              f"{b['remove']:+.2f} ({b['remove'] / front['gap']:.0%} of the way to chance), {cfg.keep} {b['keep']:+.3f}")
+    for method in cfg.methods:  # a method that cannot be built fails before any cell
+        ed.edit_for(method, analysis, front, 0)
     results = os.path.join(cfg.out_dir, "results.jsonl")
     done = set()
     if os.path.exists(results):  # resumable: skip what is done (a torn last line is dropped)
@@ -555,27 +711,26 @@ def sweep(cfg: EditConfig):
         with open(results + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(results + ".tmp", results)
-    for method in cfg.methods:  # "only" with nothing labelled fails before any cell
-        ed.edit_for(method, analysis, 0)
     todo = [(m, n, s) for n in cfg.budgets for s in cfg.seeds for m in cfg.methods if (m, n, s) not in done]
     for method, n, seed in tqdm(todo, desc="edits", dynamic_ncols=True):
-        row = ed.cell(method, n, seed, analysis)
+        row = ed.cell(method, n, seed, analysis, front)
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
-        tqdm.write(f"{method:>13} n {n:5d} seed {seed}: {cfg.remove} CE {row['test'][cfg.remove]:.3f} "
-                   f"({row['progress']:.0%} to chance), {cfg.keep} +{row['damage']:.3f}, lr {row['lr']:g} λ {row['lam']:g}")
+        tqdm.write(f"{method:>15} n {n:5d} seed {seed}: {cfg.remove} CE {row['test'][cfg.remove]:.3f} "
+                   f"({row['progress']:.0%} to chance), {cfg.keep} {row['damage']:+.3f}, lr {row['lr']:g} λ {row['lam']:g}")
     rows = [json.loads(line) for line in open(results)]
-    report(cfg, ed, analysis, rows, ed.cost(analysis), decode)
+    report(cfg, ed, analysis, front, rows, ed.costs(analysis, front), decode)
 
 
 # -----------------------------------------------------------------------------
-# §6 Report and figures
+# §6 The report: summary.json (what notebooks/editing.py draws), summary.md, frontier.png
 
 def summarise(cfg: EditConfig, rows: list, base: dict, chance: float) -> dict:
     """Per method and budget, the mean over seeds; per method, tokens to chance."""
     table = {}
     for r in rows:
-        table.setdefault(r["method"], {}).setdefault(r["n"], []).append(r)
+        if r["method"] in cfg.methods and r["n"] in cfg.budgets:
+            table.setdefault(r["method"], {}).setdefault(r["n"], []).append(r)
     out = {}
     for method, by_n in table.items():
         out[method] = {"by_n": {}, "tokens_to_chance": None}
@@ -591,89 +746,92 @@ def summarise(cfg: EditConfig, rows: list, base: dict, chance: float) -> dict:
     return out
 
 
-def report(cfg: EditConfig, ed: Editing, analysis: dict, rows: list, cost: dict, decode):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def report(cfg: EditConfig, ed: Editing, analysis: dict, front: dict, rows: list, cost: dict, decode):
     base, chance, langs = ed.base_test, ed.chance, cfg.languages
     summary = summarise(cfg, rows, base, chance)
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump({"base_test": base, "chance": chance, "methods": summary, "cost": cost}, f, indent=1)
-    kinds = sorted({k for counts in analysis["label_counts"].values() for k in counts})
+        json.dump({"base_test": base, "chance": chance, "methods": summary, "cost": cost, "remove": cfg.remove,
+                   "keep": cfg.keep, "max_damage": cfg.max_damage, "frontier_best": front["best"]}, f, indent=1)
+    others = [l for l in langs if l not in (cfg.remove, cfg.keep)]
+    n_show = min(cfg.budgets, key=lambda n: abs(n - cfg.save_budget))
+    counts = {}
+    for label in analysis["labels"].values():
+        counts[label] = counts.get(label, 0) + 1
     lines = [f"# Removing {NAMES.get(cfg.remove, cfg.remove)} from {cfg.ckpt}", "",
              f"Test CE before any edit: " + ", ".join(f"{l} {base[l]:.3f}" for l in langs)
-             + f"; chance ln {ed.vocab} = {chance:.3f} nats.", "", "## Labels per matrix", "",
-             "| matrix | " + " | ".join(kinds) + " |", "| --- " * (len(kinds) + 1) + "|"]
-    lines += [f"| {p} | " + " | ".join(str(c.get(k, 0)) for k in kinds) + " |" for p, c in analysis["label_counts"].items()]
-    lines += ["", f"## Top {cfg.top_k} by mean CI on {cfg.remove} minus on {cfg.keep}, with the causal screen (test ΔCE)", "",
-              "| subcomponent | label | mean CI " + "/".join(langs) + " | m = 0: ΔCE " + "/".join(langs)
-              + " | m = -1: ΔCE " + "/".join(langs) + " |", "| --- | --- | --- | --- | --- |"]
-    for r in analysis["ranked"]:
-        lines.append(f"| `{r['key']}` | {r['label']} | " + "/".join(f"{r['mean_ci'][l]:.3f}" for l in langs) + " | "
-                     + " | ".join("/".join(f"{r['screen'][m][l]:+.3f}" for l in langs) for m in ("m=0", "m=-1")) + " |")
-    lines += ["", f"Chosen for the one-scalar edit: `{analysis['chosen']}` ({analysis['labels'][analysis['chosen']]})"
-              + ("" if analysis["chosen_is_only"] else f"; none of the top {cfg.top_k} is labelled {cfg.remove}-only, "
-                 "so the top-ranked one stands in"), "", "Top-activating contexts of the ranked subcomponents:", ""]
-    for r in analysis["ranked"][:4]:
-        lines += [f"- `{r['key']}` ({r['label']}):"] + [f"  - {c}" for c in r["contexts"]]
-    lines += ["", f"## Edits: test CE per language, mean over seeds (tokens to chance: {cfg.chance_fraction:.0%} of the way "
-              f"to ln V with {cfg.keep} damage ≤ {cfg.max_damage} nats)", "",
-              "| method | n | " + " | ".join(f"{l} CE" for l in langs) + f" | {cfg.keep} damage | to chance | prefactors |",
-              "| --- " * (len(langs) + 5) + "|"]
+             + f"; chance ln {ed.vocab} = {chance:.3f} nats. Labels: "
+             + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) + ".", "",
+             f"## The causal frontier (dev, {front['candidates']} subcomponents, {front['windows']} windows per language, "
+             f"{front['seconds']:.0f} s)", "", f"| gate | best subcomponent | label | rank | m | {cfg.remove} ΔCE (share of the gap) | "
+             f"{cfg.keep} ΔCE |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {form} | `{b['key']}` | {b['label']} | {b['rank']} | {b['m']:g} | {b['remove']:+.3f} "
+              f"({b['remove'] / front['gap']:.0%}) | {b['keep']:+.3f} |" for form, b in front["best"].items()]
+    pick = {e["form"]: e for e in front["entries"] if e["key"] == analysis["chosen"]}
+    lines += ["", f"Goodfire's pick `{analysis['chosen']}` ({analysis['labels'][analysis['chosen']]}) at its best m: "
+              + "; ".join(f"{f} m = {e['m']:g}, {cfg.remove} {e['remove']:+.3f}, {cfg.keep} {e['keep']:+.3f}" for f, e in pick.items()),
+              "", f"## Top {cfg.top_k} by mean CI on {cfg.remove} minus on {cfg.keep}", "",
+              "| subcomponent | label | mean CI " + "/".join(langs) + " | top context per language |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{r['key']}` | {r['label']} | " + "/".join(f"{r['mean_ci'][l]:.3f}" for l in langs) + " | "
+              + " ¶ ".join(c.replace("|", "/") for c in r["contexts"][::cfg.n_contexts]) + " |" for r in analysis["ranked"]]
+    lines += ["", f"## Edits: test split, mean over seeds; each cell: share of the way to chance, {cfg.keep} damage", "",
+              "| method | " + " | ".join(f"n = {n}" for n in cfg.budgets) + f" | tokens to chance (≥ {cfg.chance_fraction:.0%}, "
+              f"damage ≤ {cfg.max_damage}) | " + " / ".join(others) + f" ΔCE at n = {n_show} | parameters | inference FLOPs |",
+              "| --- " * (len(cfg.budgets) + 5) + "|"]
     for method, s in summary.items():
-        for n, v in s["by_n"].items():
-            pf = ("; ".join(", ".join(f"{m:.2f}" for m in p.values()) for p in v["prefactors"] if p)
-                  if method in ("one", "random") else "")  # many scalars: in results.jsonl
-            lines.append(f"| {method} | {n} | " + " | ".join(f"{v['ce'][l]:.3f}" for l in langs)
-                         + f" | {v['damage']:+.3f} | {v['progress']:.0%} | {pf} |")
-    lines += ["", "| method | tokens to chance |", "| --- | --- |"]
-    lines += [f"| {m} | {s['tokens_to_chance'] or 'not reached'} |" for m, s in summary.items()]
-    lines += ["", "## Cost", "", f"- decomposition: {cost['decomposition_tokens']:,} tokens"
+        cells = [f"{s['by_n'][n]['progress']:.0%}, {s['by_n'][n]['damage']:+.3f}" if n in s["by_n"] else "" for n in cfg.budgets]
+        off = " / ".join(f"{s['by_n'][n_show]['ce'][l] - base[l]:+.3f}" for l in others) if n_show in s["by_n"] else ""
+        c = cost["methods"].get(method, {})
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {s['tokens_to_chance'] or 'not reached'} | {off} | "
+                     f"{c.get('parameters', '')} | {c.get('inference', 0):.3f}× |")
+    lines += ["", "## Cost", "", f"- decomposition (every component method): {cost['decomposition_tokens']:,} tokens"
               + (f" (~{cost['decomposition_remove_tokens']:,.0f} {cfg.remove})" if cost["decomposition_remove_tokens"] else "")
               + f", {cost['decomposition_flops']:.3g} FLOPs",
-              f"- analysis (labels and ranking): {cost['analysis_tokens']:,} tokens ({cost['analysis_remove_tokens']:,} "
-              f"{cfg.remove}), {cost['analysis_flops']:.3g} FLOPs",
-              f"- one edit: {cost['edit_remove_tokens']} {cfg.remove} tokens, {cost['edit_flops']:.3g} FLOPs "
-              f"({cost['edit_flops_note']})"]
-    lines += continuations(cfg, ed, decode)
+              f"- analysis (labels, ranking, gates): {cost['analysis_tokens']:,} tokens ({cost['analysis_remove_tokens']:,} "
+              f"{cfg.remove}), {cost['analysis_flops']:.3g} FLOPs; the frontier: {cost['frontier_remove_tokens']:,} {cfg.remove} "
+              f"dev tokens, {cost['frontier_seconds']:.0f} s", f"- one edit: {cost['edit_remove_tokens']} {cfg.remove} tokens, "
+              f"{cost['edit_flops']:.3g} FLOPs ({cost['edit_flops_note']})"]
+    saved = [m for m in summary if os.path.exists(os.path.join(cfg.out_dir, f"edited_{m}.pt")) and n_show in summary[m]["by_n"]
+             and summary[m]["by_n"][n_show]["damage"] <= cfg.max_damage]
+    if saved:  # the saved edit that went furthest within the damage allowed
+        lines += continuations(cfg, ed, decode, max(saved, key=lambda m: summary[m]["by_n"][n_show]["progress"]))
     with open(os.path.join(cfg.out_dir, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    draw_frontier(cfg, analysis, front)
+    print(f"wrote {cfg.out_dir}/summary.md, summary.json, results.jsonl, frontier.json, frontier.png")
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for i, (method, s) in enumerate(summary.items()):
-        ns = list(s["by_n"])
-        axes[0].plot(ns, [s["by_n"][n]["ce"][cfg.remove] for n in ns], "o-", color=f"C{i}", label=method)
-        axes[1].plot(ns, [s["by_n"][n]["damage"] for n in ns], "o-", color=f"C{i}", label=method)
-    axes[0].axhline(chance, color="k", ls="--", label="chance")
-    axes[0].axhline(base[cfg.remove], color="gray", ls=":", label="before")
-    axes[1].axhline(cfg.max_damage, color="k", ls="--")
-    for ax, title in ((axes[0], f"{cfg.remove} test CE"), (axes[1], f"{cfg.keep} damage (nats)")):
-        ax.set(xscale="log", xlabel=f"{cfg.remove} training tokens", title=title)
-    axes[0].legend(fontsize=7)
-    n_show = min(cfg.budgets, key=lambda n: abs(n - cfg.save_budget))
-    width = 0.8 / max(1, len(summary))
-    for i, (method, s) in enumerate(summary.items()):
-        if n_show in s["by_n"]:
-            axes[2].bar(np.arange(len(langs)) + i * width, [s["by_n"][n_show]["ce"][l] - base[l] for l in langs],
-                        width, color=f"C{i}", label=method)
-    axes[2].set(xticks=np.arange(len(langs)) + 0.4 - width / 2, xticklabels=langs, ylabel="test ΔCE (nats)",
-                title=f"change per language at n = {n_show}")
+
+def draw_frontier(cfg: EditConfig, analysis: dict, front: dict):
+    """German gain against English damage, a dot per subcomponent at its best m, one panel per gate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colours = {f"{cfg.remove}-only": "C3", "foreign": "C1", "general": "C7", f"{cfg.keep}-only": "C0"}
+    fig, axes = plt.subplots(1, len(FORMS), figsize=(5.2 * len(FORMS), 4.2), sharey=True)
+    for ax, form in zip(axes, FORMS):
+        entries = [e for e in front["entries"] if e["form"] == form]
+        for label in sorted({e["label"] for e in entries}):
+            es = [e for e in entries if e["label"] == label]
+            ax.scatter([e["keep"] for e in es], [e["remove"] / front["gap"] for e in es], s=9, alpha=0.6,
+                       color=colours.get(label, "C2" if cfg.remove in label else "C9"), label=label if form == "plain" else None)
+        for e, style, name in ((next(e for e in entries if e["key"] == analysis["chosen"]), "*", "Goodfire's pick"),
+                               (front["best"][form], "o", "frontier's best")):
+            ax.scatter([e["keep"]], [e["remove"] / front["gap"]], s=160, marker=style, facecolors="none", edgecolors="k",
+                       label=f"{name}: {e['key']} (m = {e['m']:g})")
+        ax.axvline(cfg.max_damage, color="k", ls="--", lw=0.8)
+        ax.axhline(1.0, color="k", ls=":", lw=0.8)
+        ax.set(xscale="symlog", xlabel=f"{cfg.keep} CE increase (nats, dev)", title=f"gate: {form}")
+        ax.legend(fontsize=6, loc="lower right")
+    axes[0].set_ylabel(f"{cfg.remove} CE increase / gap to chance (dev)")
     fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, "edits.png"), dpi=120)
+    fig.savefig(os.path.join(cfg.out_dir, "frontier.png"), dpi=120)
     plt.close(fig)
-    print(f"wrote {cfg.out_dir}/summary.md, results.jsonl, edits.png")
 
 
 @torch.no_grad()
-def continuations(cfg: EditConfig, ed: Editing, decode, n_prompts=2, prompt_len=16, new=16) -> list:
-    """Greedy continuations of a few test prompts per language, before and after the saved one-scalar edit."""
-    path = os.path.join(cfg.out_dir, "edited_one.pt")
-    if not os.path.exists(path):
-        return []
-    edited = models.build_model(ed.tcfg)
-    edited.load_state_dict(torch.load(path, weights_only=True))
-    edited.to(cfg.device).eval()
-    lines = ["", f"## Greedy continuations, before → after the one-scalar edit (n = {cfg.save_budget}, seed 0)", ""]
+def continuations(cfg: EditConfig, ed: Editing, decode, method: str, n_prompts=2, prompt_len=16, new=16) -> list:
+    """Greedy continuations of a few test prompts per language, before and after a saved edit."""
+    edited = load_edited(os.path.join(cfg.out_dir, f"edited_{method}.pt"), ed.tcfg).to(cfg.device)
+    lines = ["", f"## Greedy continuations, before → after the saved {method} edit (n = {cfg.save_budget}, seed 0)", ""]
     for lang in (cfg.remove, cfg.keep):
         for w in ed.test[lang][:n_prompts]:
             outs = []
@@ -687,93 +845,8 @@ def continuations(cfg: EditConfig, ed: Editing, decode, n_prompts=2, prompt_len=
 
 
 # -----------------------------------------------------------------------------
-# §7 The toy edit: one feature of TMS 5-2
-
-def tms_demo(cfg: EditConfig):
-    """Suppress, invert and amplify the subcomponent of one TMS feature, and show that only inputs with
-    that feature move; then train its scalar against a rank-1 LoRA on a few examples. Returns the edited
-    subcomponent's key, {m: output change [probe, output]} and the rows (n, method, energy left, change)."""
-    target, dec, components, tcfg, _ = load_decomposition(cfg.ckpt)  # a toy: the CPU
-    if tcfg.model != "tms":
-        raise ValueError(f"{cfg.ckpt} decomposes a {tcfg.model!r} model; task 'tms' edits a TMS decomposition")
-    j, n_features = cfg.feature, tcfg.n_features
-    if not 0 <= j < n_features:
-        raise ValueError(f"feature must be in [0, {n_features}), got {j}")
-    _, _, best = vpd.toy_feature_metrics(target.linear1.weight, dec.comps["linear1"])
-    key = f"linear1:{best[j].item()}"                                # reads feature j, writes its hidden vector
-    V = components["linear1"]["V"][:, best[j]]
-    probes = 0.75 * torch.eye(n_features)                            # one feature on per row
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    lines = [f"feature {j}: subcomponent {key}; its read vector V[:, c] = "
-             + ", ".join(f"{v:+.3f}" for v in V.tolist()) + " (it reads feature j alone)"]
-    with torch.no_grad():
-        before = target(probes)
-        moved = {}
-        for m in (0.0, -1.0, 2.0):
-            with applied(ScalarEdit(components, [key], init=m), target):
-                moved[m] = target(probes) - before                    # [probe, output]
-            others = moved[m][torch.arange(n_features) != j].abs().max().item()
-            lines.append(f"m = {m:+g}: output {j} on probe {j} moves {moved[m][j, j]:+.3f}; "
-                         f"largest change on the other {n_features - 1} probes {others:.1e}")
-    # trained on n examples of what to remove and nothing else: drive feature j's output to 0
-    get_batch = models.sparse_features(tcfg, 4096, seed=123)
-    x_test = get_batch("val", 0)[0]
-    has_j = x_test[:, j] > 0
-    lines.append(f"\ntrained on n inputs with feature {j} alone (no examples of what to keep): the energy of "
-                 f"output {j} left on test inputs with it, and the change on test inputs without it (MSE)")
-    rows = []
-    for n in cfg.tms_budgets:
-        pool = get_batch("train", n)[0]
-        x_remove = pool[pool[:, j] > 0][:n]
-        for name, edit in (("scalar", ScalarEdit(components, [key])), ("rank-1 LoRA", LoRA(target, ["linear1"], 1, n))):
-            opt = torch.optim.Adam(edit.parameters(), lr=0.05)
-            for _ in range(200):
-                with applied(edit, target):
-                    loss = target(x_remove)[:, j].pow(2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            with torch.no_grad(), applied(edit, target):
-                out = target(x_test)
-            with torch.no_grad():
-                orig = target(x_test)
-            left = (out[has_j, j].pow(2).sum() / orig[has_j, j].pow(2).sum()).item()
-            hurt = F.mse_loss(out[~has_j], orig[~has_j]).item()
-            rows.append((n, name, left, hurt))
-            lines.append(f"n = {n:3d} {name:>12}: energy left {left:.3f}, change without feature {j} {hurt:.2e}")
-    lines.append(f"\nThe scalar only rescales x·V[:, c], which is ~0 unless feature {j} is on, so it cannot touch "
-                 "inputs without it, however little data it sees. LoRA's read vector is free: a few examples of "
-                 f"feature {j} do not pin it there.")
-    text = "\n".join(lines)
-    print(text)
-    with open(os.path.join(cfg.out_dir, "summary.md"), "w") as f:
-        f.write(text + "\n")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    lim = max(v.abs().max().item() for v in moved.values())
-    for ax, (m, d) in zip(axes, moved.items()):
-        im = ax.imshow(d, cmap="RdBu", vmin=-lim, vmax=lim)
-        ax.set(title=f"m = {m:+g}: output change", xlabel="output", ylabel="probe (one feature on)",
-               xticks=range(n_features), yticks=range(n_features))
-    fig.colorbar(im, ax=axes[:3], shrink=0.8)
-    for name, marker in (("scalar", "o-"), ("rank-1 LoRA", "s-")):
-        pts = [(n, hurt) for n, nm, _, hurt in rows if nm == name]
-        axes[3].plot(*zip(*pts), marker, label=name)
-    axes[3].set(xscale="log", yscale="log", xlabel=f"training inputs with feature {j}",
-                title=f"change on inputs without feature {j}")
-    axes[3].legend()
-    fig.savefig(os.path.join(cfg.out_dir, "tms_edit.png"), dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return key, moved, rows
-
-
-# -----------------------------------------------------------------------------
 # Entry point: python edit.py config.py [--key=value ...]
 
 if __name__ == "__main__":
     (cfg,) = vpd.configure(sys.argv[1:], EditConfig())
-    if cfg.task not in ("language", "tms"):
-        raise SystemExit(f"task must be 'language' or 'tms', got {cfg.task!r}")
-    tms_demo(cfg) if cfg.task == "tms" else sweep(cfg)
+    sweep(cfg)

@@ -389,33 +389,36 @@ def train_target(tcfg: TargetConfig, path: str, device="cpu", dtype="float32", c
     return model
 
 
-def download_wandb_target(run_path: str, out_dir="out/targets") -> str:
-    """The latest model_step_*.pt of a W&B run ("wandb:entity/project/runs/id"), downloaded once: later
-    starts and resumes use the local copy without asking W&B."""
+def download_wandb(run_path: str, pattern=r"model_step_(\d+)\.pt", also=(), out_dir="out/targets") -> str:
+    """The latest file of a W&B run ("wandb:entity/project/runs/id") whose name matches `pattern` (its group: the
+    step), with the files named in `also` that the run has, downloaded once into out_dir/<project>-<id>/: later
+    starts and resumes use the local copy without asking W&B. Returns the latest file's path."""
     entity, project, *_, run_id = run_path.removeprefix("wandb:").split("/")
     root = os.path.join(out_dir, f"{project}-{run_id}")
 
     def step_of(name):  # model_step_<n>.pt -> n; None for any other file
-        found = re.fullmatch(r"model_step_(\d+)\.pt", os.path.basename(name))
+        found = re.fullmatch(pattern, os.path.basename(name))
         return int(found[1]) if found else None
-    have = [f for f in glob.glob(os.path.join(root, "model_step_*.pt")) if step_of(f) is not None]
+    have = [f for f in glob.glob(os.path.join(root, "*")) if step_of(f) is not None]
     if have:
         return max(have, key=step_of)
     try:
         import wandb
     except ImportError:
-        raise SystemExit(f"target_path={run_path!r} needs wandb: `pip install wandb` and `wandb login` (or set "
-                         "WANDB_API_KEY), or download the state dict yourself and pass its file as target_path")
+        raise SystemExit(f"{run_path!r} needs wandb: `pip install wandb` and `wandb login` (or set WANDB_API_KEY), or "
+                         "download its files yourself and give their local path") from None
     try:
-        files = [f for f in wandb.Api().run(f"{entity}/{project}/{run_id}").files() if step_of(f.name) is not None]
+        files = list(wandb.Api().run(f"{entity}/{project}/{run_id}").files())
     except Exception as e:
         raise SystemExit(f"cannot read W&B run {run_path!r} ({e}); check `wandb login` / WANDB_API_KEY and the path")
-    if not files:
-        raise SystemExit(f"W&B run {run_path!r} has no model_step_*.pt file")
-    latest = max(files, key=lambda f: step_of(f.name))
-    latest.download(root=root + ".tmp", replace=True)
+    steps = [f for f in files if step_of(f.name) is not None]
+    if not steps:
+        raise SystemExit(f"W&B run {run_path!r} has no file named like {pattern}")
+    latest = max(steps, key=lambda f: step_of(f.name))
     os.makedirs(root, exist_ok=True)
-    os.replace(os.path.join(root + ".tmp", latest.name), os.path.join(root, latest.name))  # whole or absent
+    for f in [f for f in files if f.name in also] + [latest]:  # the weights last: their presence says all is here
+        f.download(root=root + ".tmp", replace=True)
+        os.replace(os.path.join(root + ".tmp", f.name), os.path.join(root, f.name))  # whole or absent
     return os.path.join(root, latest.name)
 
 
@@ -445,7 +448,7 @@ def build(tcfg: TargetConfig, cfg):
     hf = tcfg.model.startswith("hf:")
     path = tcfg.target_path or os.path.join(cfg.out_dir, "target.pt")
     if path.startswith("wandb:"):
-        path = download_wandb_target(path)
+        path = download_wandb(path)
     if hf:  # its weights are the Hub's (or the directory's), never target_path
         model = build_model(tcfg).to(device)
         tcfg.vocab_size = model.config.vocab_size  # random tokens and memmap checks: the model's (padded) vocabulary

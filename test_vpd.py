@@ -2,6 +2,7 @@
 routing, the adversary, checkpoints and resume, the configurator, and recovery of TMS 5-2.
 Run: python -m pytest -q   (offline, CPU, a few minutes on 2 cores)"""
 import contextlib
+from contextlib import nullcontext
 import copy
 import dataclasses
 import fnmatch
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import models
 import vpd
@@ -464,6 +466,101 @@ def test_mmcs_ml2r_of_an_exact_decomposition():
     assert mmcs == pytest.approx(1.0) and ml2r == pytest.approx(2.0)
 
 
+# -- §7 attribution graphs ------------------------------------------------------------------------------
+
+class ResidualPair(nn.Module):
+    """Two decomposed matrices in a row with tanh between them and a residual around the first (no attention):
+    out = l2(tanh(x + l1(x))). The input reaches l2 directly and through l1, so a graph without the stop-gradient
+    differs from one with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(x + self.l1(x)))
+
+
+def test_attribution_edges_by_hand_through_a_nonlinearity():
+    """Every edge of the graph equals its value written out: l1 -> l2 is (U1[c'] ⊙ σ'(h)) · V2[:, c] · a1_c' · g1_c';
+    the input reaches l2 through the residual and Δ1 only (the stop-gradient on l1's subcomponents), so
+    input -> l2 is x · (I + Δ1^T)(σ'(h) ⊙ V2[:, c]); l2 -> output j is U2[c, j] a2_c g2_c. Pairs joined only through
+    a third subcomponent (l1 -> output) have no edge. ci_weighted=False drops the g factor."""
+    torch.manual_seed(0)
+    dec = vpd.Decomposition(ResidualPair(), vpd.Config(modules={"l1": 5, "l2": 6}, ci_hidden=4))
+    x = torch.randn(1, 4)
+    with torch.no_grad():
+        target = dec(x)
+        ci = dec.causal_importance()[0]
+        with vpd.detached_subcomponents(dec):                          # the forward the gradients run through
+            assert torch.allclose(dec(x), target, atol=1e-6)
+    c1, c2 = dec.comps["l1"], dec.comps["l2"]
+    g1, g2 = dec.split(ci)["l1"][0], dec.split(ci)["l2"][0]
+    h = (x + x @ c1.W.T + c1.bias)[0]
+    ds, a1, a2 = 1 - torch.tanh(h) ** 2, (x @ c1.V)[0], torch.tanh(h) @ c2.V
+    want = {(f"l1:{i}@0", f"l2:{c}@0"): ((c1.U[i] * ds) @ c2.V[:, c] * a1[i] * g1[i]).item() for i in range(5) for c in range(6)}
+    want |= {("embed@0", f"l2:{c}@0"): (x[0] @ ((torch.eye(4) + c1.delta().T) @ (ds * c2.V[:, c]))).item() for c in range(6)}
+    want |= {("embed@0", f"l1:{c}@0"): (x[0] @ c1.V[:, c]).item() for c in range(5)}
+    want |= {(f"l2:{c}@0", f"output:{j}@0"): (c2.U[c, j] * a2[c] * g2[c]).item() for c in range(6) for j in range(3)}
+    graph = vpd.attribution_graph(dec, x, threshold=-1.0, logits=False, max_edges=10**6)  # every node, every edge
+    got = {(e["source"], e["target"]): e["attribution"] for e in graph["edges"]}
+    assert set(got) == {k for k, v in want.items() if v != 0}
+    assert all(got[k] == pytest.approx(v, abs=1e-6) for k, v in got.items() for v in [want[k]])
+    plain = vpd.attribution_graph(dec, x, threshold=-1.0, ci_weighted=False, logits=False, max_edges=10**6)
+    e = {(e["source"], e["target"]): e["attribution"] for e in plain["edges"]}
+    assert all(e[f"l1:{i}@0", f"l2:{c}@0"] == pytest.approx(((c1.U[i] * ds) @ c2.V[:, c] * a1[i]).item(), abs=1e-6)
+               for i in range(5) for c in range(6))
+    assert len(graph["nodes"]) == 1 + 5 + 6 + 3                        # input, l1, l2, the 3 output coordinates
+
+
+def test_attribution_graph_of_a_transformer_crosses_positions_only_from_k_v_to_o(lm_decomposition):
+    _, _, ckpt = lm_decomposition
+    _, dec, _, _, _ = vpd.load_decomposition(ckpt)
+    x = torch.randint(32, (1, 8), generator=torch.Generator().manual_seed(3))
+    link = vpd.links(dec, x)
+    crossing = {(s, t) for t, sources in link.items() for s, cross in sources.items() if cross}
+    assert crossing == {(f"h.{i}.attn.{kv}_proj", f"h.{i}.attn.o_proj") for i in (0, 1) for kv in "kv"}
+    assert "h.0.attn.q_proj" in link["h.0.attn.o_proj"] and "h.0.attn.o_proj" not in link["h.1.attn.o_proj"]
+    graph = vpd.attribution_graph(dec, x, position=5, max_edges=10**6)
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    assert all(n["position"] <= 5 for n in nodes.values()) and any(n["layer"] == "output" for n in nodes.values())
+    across = [e for e in graph["edges"] if nodes[e["source"]]["position"] != nodes[e["target"]]["position"]]
+    assert across and all(re.fullmatch(r"h\.(\d)\.attn\.[kv]_proj", nodes[e["source"]]["layer"]) and
+                          nodes[e["target"]]["layer"] == nodes[e["source"]]["layer"][:-6] + "o_proj" and
+                          nodes[e["source"]]["position"] < nodes[e["target"]]["position"] for e in across)
+    assert all(e["source"] in nodes and e["target"] in nodes for e in graph["edges"])
+
+
+def test_optimised_ci_prunes_without_losing_the_label_and_faithfulness_reads_the_masks(lm_decomposition):
+    _, _, ckpt = lm_decomposition
+    _, dec, _, _, _ = vpd.load_decomposition(ckpt)
+    x = torch.randint(32, (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        label = dec(x)[0, -1].argmax().item()
+        dec(x)
+        ci = dec.causal_importance()[0]
+    optimised = vpd.optimise_ci(dec, x, label, steps=60, lr=0.05, imp_coeff=0.05)
+    assert ((optimised > 0) <= (ci > 0)).all() and (optimised > 0).sum() < (ci > 0).sum()   # a subset survives
+    ce = lambda g: vpd.label_ce(dec, x, dec.masks(g, torch.zeros(*g.shape[:-1], g.shape[-1] + len(dec.Cs))), label, -1).item()
+    assert ce(optimised) <= ce(ci) + 0.05
+    for g in (ci, optimised):
+        f = vpd.faithfulness(dec, x, label, g)
+        assert f["target"] == pytest.approx(torch.softmax(dec(x)[0, -1], -1)[label].item())
+        assert f["ci"] == pytest.approx(math.exp(-ce(g)), rel=1e-5)
+        assert all(0 < v <= 1 for v in f.values())
+    # the adversary's sign-gradient steps raise the label's CE from its random start (same seed: the same start)
+    free = ci > 0.5
+    starts = []
+    for steps in (0, 10):
+        torch.manual_seed(7)
+        sources = vpd.prompt_adversary(dec, x, ci, label, -1, steps, step_size=0.02, free=free)
+        assert (sources[..., :ci.shape[-1]][~free] == 0).all() and (sources[..., ci.shape[-1]:] == 0).all()
+        starts.append(vpd.label_ce(dec, x, dec.masks(ci, sources), label, -1).item())
+    assert starts[1] > starts[0]
+    ones = torch.ones_like(ci)                                          # all masks 1: the adversary has nothing
+    assert vpd.faithfulness(dec, x, label, ones)["adversarial"] == pytest.approx(vpd.faithfulness(dec, x, label, ones)["ci"])
+
+
 # -- the configurator ---------------------------------------------------------------------------------
 
 def test_configurator(tmp_path):
@@ -737,15 +834,35 @@ def test_short_run_recovers_tms_5_2(tmp_path):
     assert vpd.target_ci_error(vpd.probe_ci(dec, truth["probes"])["linear2"], ("identity", 5), tol=0.3) == 0
     for figure in ("ci_probes.png", "features.png", "training.png"):
         assert os.path.exists(tmp_path / figure)
-    # edit.py's toy edit on this decomposition: rescaling feature 0's subcomponent moves feature 0's output
-    # alone; its trained scalar leaves inputs without feature 0 as they were, however few examples it saw
-    key, moved, rows = edit.tms_demo(edit.EditConfig(task="tms", ckpt=str(tmp_path / "ckpt.pt"),
-                                                     out_dir=str(tmp_path / "edit"), tms_budgets=[1, 4]))
-    assert key.startswith("linear1:") and moved[0.0][0, 0] < -0.3 and moved[2.0][0, 0] > 0.3
-    assert all(moved[m][1:].abs().max() < 0.1 for m in moved)
-    change = {(n, name): hurt for n, name, _, hurt in rows}
-    assert all(change[n, "scalar"] < 1e-3 and change[n, "scalar"] < change[n, "rank-1 LoRA"] for n in (1, 4))
-    assert os.path.exists(tmp_path / "edit" / "tms_edit.png")
+    # the toy edit (notebooks/tms_method.py) on this decomposition: rescaling feature 0's subcomponent moves feature
+    # 0's output alone; its trained scalar leaves inputs without feature 0 as they were, however few examples it
+    # saw, unlike a rank-1 LoRA on the same matrix
+    plain, dec, comps, _, _ = vpd.load_decomposition(str(tmp_path / "ckpt.pt"))
+    key = f"linear1:{vpd.toy_feature_metrics(plain.linear1.weight, dec.comps['linear1'])[2][0].item()}"
+    probes = 0.75 * torch.eye(5)
+    with torch.no_grad():
+        before = plain(probes)
+        for m in (0.0, 2.0):
+            with edit.applied(edit.ScalarEdit(comps, [key], init=m), plain):
+                moved = plain(probes) - before
+            assert (moved[0, 0] < -0.3 if m == 0 else moved[0, 0] > 0.3) and moved[1:].abs().max() < 0.1
+    x = get_batch("val", 0)[0]
+    x_remove, has_0 = x[x[:, 0] > 0][:4], x[:, 0] > 0
+    for n in (1, 4):
+        hurt = {}
+        for kind, ed in (("scalar", edit.ScalarEdit(comps, [key])), ("lora", edit.LoRA(plain, ["linear1"], 1, n))):
+            opt = torch.optim.Adam(ed.parameters(), lr=0.05)
+            for _ in range(100):  # drive feature 0's output to 0 on n examples with feature 0, nothing else
+                with edit.applied(ed, plain):
+                    loss = plain(x_remove[:n])[:, 0].pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                with edit.applied(ed, plain):
+                    after = plain(x[~has_0])
+                hurt[kind] = (after - plain(x[~has_0])).pow(2).mean().item()
+        assert hurt["scalar"] < 1e-3 and hurt["scalar"] < hurt["lora"]
 
 
 def test_residual_mlp_configs_build_and_their_truth_names_decomposed_matrices(tmp_path):
@@ -969,13 +1086,159 @@ def test_wandb_target_uses_the_local_copy_or_says_what_is_missing(tmp_path, monk
     root = tmp_path / "spd-t-9d2b8f02"
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(SystemExit, match="pip install wandb"):  # no copy, no wandb here: how to get it
-        models.download_wandb_target("wandb:goodfire/spd/runs/t-9d2b8f02", out_dir=str(tmp_path))
+        models.download_wandb("wandb:goodfire/spd/runs/t-9d2b8f02", out_dir=str(tmp_path))
     root.mkdir()
     for step in (900, 10_000, "final"):  # a file that is no step's is not a candidate
         torch.save({}, root / f"model_step_{step}.pt")
     # downloaded before: the latest by step (not by name), without asking W&B (offline resume)
-    assert models.download_wandb_target("wandb:goodfire/spd/runs/t-9d2b8f02", out_dir=str(tmp_path)) == \
+    assert models.download_wandb("wandb:goodfire/spd/runs/t-9d2b8f02", out_dir=str(tmp_path)) == \
         str(root / "model_step_10000.pt")
+
+
+# Goodfire's saved decompositions, written with their key names and shapes (vpd.import_goodfire's docstring)
+TINY_GOODFIRE = dict(n_layers=2, d_model=16, n_heads=2, d_mlp=32, vocab=32, C={"q": 4, "k": 4, "v": 6, "o": 6, "c_fc": 8,
+                     "down_proj": 10}, ci_d_model=16, ci_blocks=2, ci_heads=2, ci_mlp=32)
+PILE4L_GOODFIRE = dict(n_layers=4, d_model=768, n_heads=6, d_mlp=3072, vocab=50277, C={"q": 512, "k": 512, "v": 1024,
+                       "o": 1024, "c_fc": 3072, "down_proj": 3584}, ci_d_model=2048, ci_blocks=8, ci_heads=16, ci_mlp=8192)
+
+
+def write_goodfire_run(directory, n_layers, d_model, n_heads, d_mlp, vocab, C, ci_d_model, ci_blocks, ci_heads, ci_mlp,
+                       step=400_000, legacy=True, seed=0):
+    """A Goodfire run directory with random weights: model_<step>.pth (target_model.*, _components.*, the global CI
+    transformer's ci_fn._global_ci_fn.*, their Linear's W stored [in, out]) and final_config.yaml (legacy) or
+    run_meta.yaml. At PILE4L_GOODFIRE's sizes, the stand-in for run s-55ea3f9b:
+    python -c "import test_vpd as t; t.write_goodfire_run('out/standin', **t.PILE4L_GOODFIRE)" """
+    import yaml
+    os.makedirs(directory, exist_ok=True)
+    torch.manual_seed(seed)
+    target = models.LlamaSimpleMLP(vocab, d_model, n_layers, n_heads, d_mlp)
+    sd = {f"target_model.{k}": v for k, v in target.state_dict().items()}
+    paths = {f"h.{i}.{kind}": (C[name], *target.get_submodule(f"h.{i}.{kind}").weight.shape[::-1])
+             for i in range(n_layers) for name, kind in (("q", "attn.q_proj"), ("k", "attn.k_proj"), ("v", "attn.v_proj"),
+                                                         ("o", "attn.o_proj"), ("c_fc", "mlp.c_fc"), ("down_proj", "mlp.down_proj"))}
+    for path, (c, d_in, d_out) in paths.items():
+        sd[f"_components.{path.replace('.', '-')}.V"] = torch.randn(d_in, c) / d_in ** 0.5
+        sd[f"_components.{path.replace('.', '-')}.U"] = torch.randn(c, d_out) / c ** 0.5
+    ci = {"_input_projector.W": torch.randn(sum(d for _, d, _ in paths.values()), ci_d_model) * 0.02,
+          "_input_projector.b": torch.randn(ci_d_model) * 0.1,
+          "_output_head.W": torch.randn(ci_d_model, sum(c for c, _, _ in paths.values())) * 0.1,
+          "_output_head.b": torch.randn(sum(c for c, _, _ in paths.values())) * 0.2}
+    head = ci_d_model // ci_heads
+    for i in range(ci_blocks):
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            ci[f"_blocks.{i}.attn.{n}.weight"] = torch.randn(ci_d_model, ci_d_model) * ci_d_model ** -0.5
+        ci[f"_blocks.{i}.attn.rope.inv_freq"] = 1 / 10000 ** (torch.arange(0, head, 2).float() / head)
+        ci[f"_blocks.{i}.mlp.0.W"], ci[f"_blocks.{i}.mlp.0.b"] = torch.randn(ci_d_model, ci_mlp) * ci_d_model ** -0.5, torch.randn(ci_mlp) * 0.3
+        ci[f"_blocks.{i}.mlp.2.W"], ci[f"_blocks.{i}.mlp.2.b"] = torch.randn(ci_mlp, ci_d_model) * ci_mlp ** -0.5, torch.randn(ci_d_model) * 0.3
+    sd |= {f"ci_fn._global_ci_fn.{k}": v for k, v in ci.items()}
+    torch.save(sd, os.path.join(directory, f"model_{step}.pth"))
+    ci_config = {"mode": "global", "fn_type": "global_shared_transformer", "hidden_dims": None, "reader_hidden_dims": None,
+                 "simple_transformer_ci_cfg": {"d_model": ci_d_model, "n_blocks": ci_blocks, "mlp_hidden_dim": [ci_mlp],
+                                               "attn_config": {"n_heads": ci_heads, "max_len": 512, "rope_base": 10000.0}}}
+    patterns = [{"module_pattern": f"h.*.{kind}", "C": C[name]} for name, kind in
+                (("c_fc", "mlp.c_fc"), ("down_proj", "mlp.down_proj"), ("q", "attn.q_proj"), ("k", "attn.k_proj"),
+                 ("v", "attn.v_proj"), ("o", "attn.o_proj"))]
+    data = {"max_seq_len": 512, "dataset_name": "danbraunai/pile-uncopyrighted-tok-shuffled"}
+    if legacy:
+        meta = {"ci_config": ci_config, "sigmoid_type": "leaky_hard", "module_info": patterns, "identity_module_info": None,
+                "use_delta_component": True, "steps": step, "batch_size": 64, "task_config": {"task_name": "lm", **data},
+                "pretrained_model_class": "spd.pretrain.models.llama_simple_mlp.LlamaSimpleMLP",
+                "pretrained_model_name": "goodfire/spd/runs/t-9d2b8f02"}
+    else:
+        meta = {"pd": {"ci_config": ci_config, "sigmoid_type": "leaky_hard", "decomposition_targets": patterns,
+                       "identity_decomposition_targets": None, "use_delta_component": True, "steps": step, "batch_size": 64},
+                "target": {"spec": {"kind": "pretrained", "run_path": "goodfire/spd/runs/t-9d2b8f02",
+                                    "model_class": "param_decomp_lab.experiments.lm.pretrain.models.llama_simple_mlp.LlamaSimpleMLP"}},
+                "data": data}
+    with open(os.path.join(directory, "final_config.yaml" if legacy else "run_meta.yaml"), "w") as f:
+        yaml.safe_dump(meta, f)
+    return sd
+
+
+def goodfire_ci(ci: dict, inputs: dict, n_heads: int):
+    """Pre-sigmoid CI of Goodfire's global shared transformer, written independently of vpd.CITransformer from their
+    code: inputs RMS-normed per matrix without weight and concatenated in sorted path order, x @ W + b projections,
+    pre-norm blocks with parameter-free RMSNorm, separate q/k/v/out projections, RoPE (half-split, whole head, from
+    the saved inv_freq) on q and k, bidirectional attention, exact GELU MLP with biases, no final norm."""
+    x = torch.cat([F.rms_norm(inputs[p], (inputs[p].shape[-1],)) for p in sorted(inputs)], -1)
+    x = x @ ci["_input_projector.W"] + ci["_input_projector.b"]
+    B, T, D = x.shape
+    dh, i = D // n_heads, 0
+    while f"_blocks.{i}.attn.q_proj.weight" in ci:
+        b = f"_blocks.{i}."
+        q, k, v = (F.linear(F.rms_norm(x, (D,)), ci[f"{b}attn.{n}_proj.weight"]).view(B, T, n_heads, dh).transpose(1, 2)
+                   for n in "qkv")
+        angle = torch.arange(T)[:, None] * ci[b + "attn.rope.inv_freq"]
+        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+        rotate = lambda t: t * cos + torch.cat([-t[..., dh // 2:], t[..., :dh // 2]], -1) * sin
+        mixed = torch.softmax(rotate(q) @ rotate(k).transpose(-1, -2) / dh ** 0.5, -1) @ v
+        x = x + F.linear(mixed.transpose(1, 2).reshape(B, T, D), ci[b + "attn.out_proj.weight"])
+        h = F.gelu(F.rms_norm(x, (D,)) @ ci[b + "mlp.0.W"] + ci[b + "mlp.0.b"])
+        x, i = x + h @ ci[b + "mlp.2.W"] + ci[b + "mlp.2.b"], i + 1
+    return x @ ci["_output_head.W"] + ci["_output_head.b"]
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_goodfire_decomposition_imports_and_gives_their_ci(tmp_path, legacy):
+    """A Goodfire run (their keys and shapes, either yaml) becomes a checkpoint that load_decomposition reads: the
+    same target, the same V and U, and the CI of their transformer to 1e-5, computed independently (goodfire_ci).
+    Keeping our final norm or dropping their MLP biases changes the CI (what the two config options are for)."""
+    import yaml
+    theirs = write_goodfire_run(tmp_path / "run", **TINY_GOODFIRE, legacy=legacy)
+    with pytest.raises(ValueError, match="pass --n_heads"):
+        vpd.import_goodfire(str(tmp_path / "run"), str(tmp_path / "ours"))
+    (tmp_path / "run" / "model_config.yaml").write_text(yaml.safe_dump({"n_head": 2, "n_layer": 2}))  # the target run's
+    vpd.main(["import", str(tmp_path / "run"), str(tmp_path / "ours")])
+    target, dec, comps, tcfg, cfg = vpd.load_decomposition(str(tmp_path / "ours" / "ckpt.pt"))
+    assert (tcfg.n_layers, tcfg.d_model, tcfg.n_heads, tcfg.vocab_size, cfg.ci_d_mlp, cfg.steps) == (2, 16, 2, 32, 32, 400_000)
+    assert cfg.modules["h.*.mlp.down_proj"] == 10 and not cfg.ci_final_norm and cfg.ci_mlp_bias
+    assert torch.equal(comps["h.1.mlp.c_fc"]["V"], theirs["_components.h-1-mlp-c_fc.V"])
+    assert all(torch.equal(v, theirs[f"target_model.{k}"]) for k, v in target.state_dict().items())
+    x = torch.randint(32, (3, 8), generator=torch.Generator().manual_seed(0))
+    ci_sd = {k.removeprefix("ci_fn._global_ci_fn."): v for k, v in theirs.items() if k.startswith("ci_fn.")}
+    with torch.no_grad():
+        dec(x)
+        ours = dec.causal_importance()[0]
+        pre = goodfire_ci(ci_sd, {n: c.input for n, c in dec.comps.items()}, 2)
+    torch.testing.assert_close(ours, pre.clamp(0, 1), atol=1e-5, rtol=0)  # the lower-leaky sigmoid's forward
+    assert 0.05 < (ours > 0).float().mean() < 0.95                        # a CI with both on and off entries
+    ckpt = vpd.load_checkpoint(str(tmp_path / "ours" / "ckpt.pt"), ("config", "components", "target", "ci_fn"))
+    for change in ({"ci_final_norm": True}, {"ci_mlp_bias": False}):
+        other = vpd.Decomposition(models.build_model(tcfg), dataclasses.replace(cfg, **change))
+        other.ci_fn.load_state_dict(ckpt["ci_fn"], strict=False)  # our norm's weight (ones), or no biases
+        vpd.load_decomposition_state(other, {**ckpt, "ci_fn": other.ci_fn.state_dict()})
+        with torch.no_grad():
+            other(x)
+            assert (other.causal_importance()[0] - ours).abs().max() > 1e-2
+
+
+def test_goodfire_import_refuses_what_it_cannot_read(tmp_path, monkeypatch):
+    import yaml
+    with pytest.raises(FileNotFoundError, match="should hold Goodfire's model_<step>.pth and final_config.yaml"):
+        vpd.import_goodfire(str(tmp_path), str(tmp_path / "ours"), n_heads=2)
+    write_goodfire_run(tmp_path / "run", **TINY_GOODFIRE)
+    meta = yaml.safe_load(open(tmp_path / "run" / "final_config.yaml"))
+    for key, value, named in (("sigmoid_type", "normal", "sigmoid_type normal"),
+                              ("ci_config", {**meta["ci_config"], "mode": "layerwise", "fn_type": "mlp"}, "ci_config.fn_type mlp"),
+                              ("pretrained_model_class", "transformers.GPT2LMHeadModel", "target class transformers.GPT2")):
+        with open(tmp_path / "run" / "final_config.yaml", "w") as f:
+            yaml.safe_dump({**meta, key: value}, f)
+        with pytest.raises(ValueError, match=f"not supported here: {re.escape(named)}"):
+            vpd.import_goodfire(str(tmp_path / "run"), str(tmp_path / "ours"), n_heads=2)
+    with open(tmp_path / "run" / "final_config.yaml", "w") as f:  # a config whose C disagrees with the weights
+        yaml.safe_dump({**meta, "module_info": [{**m, "C": m["C"] + 1} for m in meta["module_info"]]}, f)
+    with pytest.raises(ValueError, match="its components do not fit the translated config"):
+        vpd.import_goodfire(str(tmp_path / "run"), str(tmp_path / "ours"), n_heads=2)
+    assert not os.path.exists(tmp_path / "ours" / "ckpt.pt")             # nothing written
+    # a W&B path: the local copy of an earlier download, without asking W&B
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(SystemExit, match="pip install wandb"):
+        vpd.import_goodfire("wandb:goodfire/spd/runs/s-55ea3f9b", "ours", n_heads=2)
+    write_goodfire_run(tmp_path / "out" / "goodfire" / "spd-s-55ea3f9b", **TINY_GOODFIRE)
+    assert vpd.import_goodfire("wandb:goodfire/spd/runs/s-55ea3f9b", "ours", n_heads=2) == os.path.join("ours", "ckpt.pt")
+    with pytest.raises(SystemExit, match="usage: python vpd.py import"):
+        vpd.main(["import", "run-only"])
 
 
 def test_pile_prepare_keeps_rows_whole(tmp_path):
@@ -1435,59 +1698,147 @@ def lm_decomposition(tmp_path_factory):
 
 def edit_config(root, data, ckpt, **overrides):
     base = dict(ckpt=ckpt, out_dir=str(root / "edit"), data=str(data), tokenizer="ids", seq_len=8,
-                analysis_windows=16, eval_windows=16, top_k=3, n_contexts=1, budgets=[1, 12], seeds=[0], steps=3,
-                keep_batch=2, scalar_lrs=[0.1], lora_lrs=[1e-2], lambdas=[0.5, 2.0], save_budget=12,
-                methods=["one", "top", "random", "lora1_all", "lora4_all", "lora1_matrix", "lora4_matrix"])
+                analysis_windows=16, eval_windows=16, top_k=3, n_contexts=1, frontier_windows=4,
+                frontier_grid=[-10.0, 0.0, 3.0], budgets=[1, 12], seeds=[0], steps=3, keep_batch=2, scalar_lrs=[0.1],
+                log_lrs=[0.1], lora_lrs=[1e-2], lambdas=[0.5, 2.0], save_budget=12,
+                methods=["one", "top", "best", "best_act", "best_ci", "random_act", "lora1_all", "lora4_all",
+                         "lora1_matrix", "lora1_matrix_act"])
     return edit.EditConfig(**{**base, **overrides})
 
 
 def test_edits_at_identity_change_nothing_and_bake_into_plain_weights(lm_decomposition, tmp_path):
     _, _, ckpt = lm_decomposition
-    target, _, comps, tcfg, _ = edit.load_decomposition(ckpt)
+    target, dec, comps, tcfg, _ = vpd.load_decomposition(ckpt)
     x = torch.randint(32, (3, 8), generator=torch.Generator().manual_seed(1))
     before = target(x)
     keys = ["h.0.attn.v_proj:1", "h.1.mlp.c_fc:5"]
-    for identity in (edit.ScalarEdit(comps, keys), edit.LoRA(target, list(comps), 4, seed=0)):  # m = 1; B = 0
+    thresholds = {k: 0.1 for k in keys}
+    gates = [None, edit.Gate("act", keys, comps, thresholds), edit.Gate("ci", keys, comps, thresholds, dec, tau=0.0)]
+    identities = [edit.ScalarEdit(comps, keys, gate=g) for g in gates] + [edit.LoRA(target, list(comps), 4, seed=0)]
+    for identity in identities + [edit.ScalarEdit(comps, keys, gate=gates[1], log_scale=True)]:  # m = 1; B = 0
         with edit.applied(identity, target):
             assert torch.equal(target(x), before)                      # bit for bit
-        assert all(torch.equal(a, b) for a, b in zip(edit.bake(identity, target).state_dict().values(),
-                                                     target.state_dict().values()))
+        if identity.gate is None or identity.gate.kind == "act":
+            assert torch.equal(edit.bake(identity, target)(x), before)
+    assert all(torch.equal(a, b) for a, b in zip(edit.bake(identities[0], target).state_dict().values(),
+                                                 target.state_dict().values()))
+    with pytest.raises(ValueError, match="CI-gated edit runs the decomposition's CI function at inference"):
+        edit.bake(identities[2], target)
     # m = 0 removes exactly one rank-1 term, W' = W - (V[:, c] ⊗ U[c, :])^T, and nothing else
     baked = edit.bake(edit.ScalarEdit(comps, ["h.0.attn.v_proj:1"], init=0.0), target)
     V, U = comps["h.0.attn.v_proj"]["V"], comps["h.0.attn.v_proj"]["U"]
     for name, w in baked.state_dict().items():
         expected = target.state_dict()[name] - (torch.outer(V[:, 1], U[1]).T if name == "h.0.attn.v_proj.weight" else 0)
         torch.testing.assert_close(w, expected, rtol=0, atol=1e-7)
-    # a trained edit: the hooks while training and the baked weights give the same model; saved, it reloads
-    # into the plain model class with weights_only=True and gives identical logits
-    for trained in (edit.ScalarEdit(comps, keys), edit.LoRA(target, ["h.1.mlp.down_proj"], 1, seed=0)):
+    # a log-scale scalar is sign(init) exp(u), starting at init
+    assert edit.ScalarEdit(comps, keys, init=-30.0, log_scale=True).m().tolist() == pytest.approx([-30.0, -30.0])
+    # a trained edit: the hooks while training and the baked model give the same logits; saved, it reloads into
+    # the plain model class with weights_only=True (an activation gate as a small module, without the decomposition)
+    trained = [edit.ScalarEdit(comps, keys), edit.LoRA(target, ["h.1.mlp.down_proj"], 1, seed=0),
+               edit.ScalarEdit(comps, keys, init=-5.0, gate=gates[1]),
+               edit.LoRA(target, ["h.1.mlp.c_fc"], 2, seed=0, gate=edit.Gate("act", ["h.1.mlp.c_fc:5"], comps, thresholds))]
+    for ed in trained:
         with torch.no_grad():
-            for p in trained.parameters():
+            for p in ed.parameters():
                 p.add_(torch.randn(p.shape) * 0.3)
-        with edit.applied(trained, target):
+        with edit.applied(ed, target):
             hooked = target(x)
-        baked = edit.bake(trained, target)
+        baked = edit.bake(ed, target)
         torch.testing.assert_close(baked(x), hooked, rtol=1e-5, atol=1e-5)
         assert not torch.equal(hooked, before)
-        vpd.save_checkpoint(str(tmp_path / "edited.pt"), baked.state_dict())
-        plain = models.build_model(tcfg)
-        plain.load_state_dict(torch.load(tmp_path / "edited.pt", weights_only=True))
-        assert type(plain) is models.LlamaSimpleMLP and torch.equal(plain(x), baked(x))
+        edit.save_edited(str(tmp_path / "edited.pt"), baked)
+        reloaded = edit.load_edited(str(tmp_path / "edited.pt"), tcfg)
+        assert type(reloaded) is models.LlamaSimpleMLP and torch.equal(reloaded(x), baked(x))
+        if ed.gate is None:  # a weight edit is a plain state dict
+            plain = models.build_model(tcfg)
+            plain.load_state_dict(torch.load(tmp_path / "edited.pt", weights_only=True))
+            assert torch.equal(plain(x), baked(x))
 
 
-def test_toy_edit_moves_only_its_feature():
-    """On TMS with an exact decomposition, one subcomponent per feature, rescaling feature 2's subcomponent
-    of linear1 changes the outputs of the probe with feature 2 and of no other probe."""
-    torch.manual_seed(0)
-    model = models.TMS(5, 2)
-    W = model.linear1.weight.detach()                                    # [2, 5]
-    comps = {"linear1": {"V": torch.eye(5), "U": W.T.clone()}}           # (V U)^T = W: subcomponent c reads feature c
-    probes = 0.75 * torch.eye(5)
-    before = model(probes)
-    for m in (0.0, -1.0, 2.0):
-        with torch.no_grad(), edit.applied(edit.ScalarEdit(comps, ["linear1:2"], init=m), model):
-            moved = model(probes) - before
-        assert moved[torch.arange(5) != 2].abs().max() == 0 and moved[2].abs().max() > 0
+def test_gates_act_exactly_where_they_are_on(lm_decomposition):
+    """The CI gate is exactly 0 where the subcomponent's CI (of the unedited input) is at most tau, the activation
+    gate where |x·V_c| is at most its threshold: there the edited matrix's output is the target's, bit for bit."""
+    _, _, ckpt = lm_decomposition
+    target, dec, comps, _, _ = vpd.load_decomposition(ckpt)
+    x = torch.randint(32, (4, 8), generator=torch.Generator().manual_seed(2))
+    key, path, col = "h.0.mlp.c_fc:2", "h.0.mlp.c_fc", sum(c["V"].shape[1] for n, c in comps.items() if n < "h.0.mlp.c_fc") + 2
+    with torch.no_grad():
+        dec(x)
+        ci = dec.causal_importance()[0][..., col]                      # [4, 8]
+        h = dec.comps[path].input @ comps[path]["V"][:, 2]             # [4, 8]
+    tau, theta = ci.median().item(), h.abs().median().item()
+    assert 0 < (ci > tau).sum() < ci.numel() and 0 < (h.abs() > theta).sum() < h.numel()
+    for gate, on in ((edit.Gate("ci", [key], comps, {}, dec, tau), ci > tau),
+                     (edit.Gate("act", [key], comps, {key: theta}), h.abs() > theta)):
+        outs = []
+        for ed in (nullcontext(), edit.applied(edit.ScalarEdit(comps, [key], init=-20.0, gate=gate), target)):
+            with torch.no_grad(), ed:  # the matrix's output, after the edit's hook
+                hook = target.get_submodule(path).register_forward_hook(lambda m, i, o: outs.append(o))
+                target(x)
+                hook.remove()
+        moved = (outs[1] - outs[0]).abs().amax(-1)                      # [4, 8]
+        assert (moved[~on] == 0).all() and (moved[on] > 0).all()
+        if gate.kind == "ci":
+            assert torch.equal(gate(path, dec.comps[path].input), on.float()[..., None])
+
+
+class PlantedSwitch(nn.Module):
+    """logits = head(e + proj(e)), e = wte(token); German tokens (8-15) carry a unit feature e[0] that no other
+    token has. proj holds two planted subcomponents that read e[0]: 0 writes +b (head turns b into +1 on every German
+    token's logit: the model's German confidence), 1 writes -0.2 b (a small brake). Inverting 0 (m < 0) or
+    amplifying 1 (m > 1) raises German CE; nothing reads e[0] on English."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.wte, self.proj, self.head = nn.Embedding(32, 6), nn.Linear(6, 6, bias=False), nn.Linear(6, 32, bias=False)
+        with torch.no_grad():
+            self.wte.weight.copy_(torch.randn(32, 6, generator=g) * 0.3)
+            self.wte.weight[:, 0] = (torch.arange(32) // 8 == 1).float()
+            b = torch.zeros(6)
+            b[1] = 2.0
+            self.head.weight.copy_(torch.randn(32, 6, generator=g) * 0.1)
+            self.head.weight[:, 1] = 0.0
+            self.head.weight[8:16, 1] = 0.5                            # b -> +1 on German tokens
+            self.V = torch.zeros(6, 3)
+            self.V[0, 0] = self.V[0, 1] = 1.0
+            self.V[2, 2] = 1.0                                          # 2 reads a feature every token has
+            self.U = torch.stack([b, -0.2 * b, torch.randn(6, generator=g) * 0.1])
+            self.proj.weight.copy_((self.V @ self.U).T)
+
+    def forward(self, x):
+        e = self.wte(x)
+        return self.head(e + self.proj(e))
+
+
+def test_frontier_finds_a_planted_switch_on_both_sides_of_one_and_matches_the_edits():
+    model = PlantedSwitch()
+    dec = vpd.Decomposition(copy.deepcopy(model), vpd.Config(modules={"proj": 3}, ci_hidden=4))
+    dec.comps["proj"].V.data.copy_(model.V)
+    dec.comps["proj"].U.data.copy_(model.U)
+    comps = {"proj": {"V": model.V, "U": model.U}}
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(16, 32, (600,), generator=g)              # tokens of neither language
+    own = {"de": torch.randint(8, 16, (600,), generator=g), "en": torch.randint(0, 8, (600,), generator=g)}
+    texts = {lang: edit.windows(torch.where(torch.rand(600, generator=g) < 0.8, own[lang], shared), 6, 8) for lang in own}
+    keys, grid = ["proj:0", "proj:1", "proj:2"], [-5.0, -1.0, 0.0, 3.0, 10.0]
+    thresholds = dict(zip(keys, edit.activation_thresholds(dec, texts["en"], 0.99).tolist()))
+    raw = edit.frontier(model, dec, comps, keys, texts, grid, thresholds, tau=0.5, batch=7)
+    best = {k: grid[edit.best_point(raw["plain"][k]["de"], raw["plain"][k]["en"], 10.0, 0.1)] for k in keys}
+    assert best["proj:0"] == -5.0 and best["proj:1"] == 10.0          # the right sign, found on both sides of 1
+    de0, de1 = raw["plain"]["proj:0"]["de"], raw["plain"]["proj:1"]["de"]
+    assert de0[0] > de0[1] > de0[2] > 0 > de0[3] and de1[-1] > 0 > de1[0]
+    assert raw["plain"]["proj:0"]["en"] == [0.0] * 5 and raw["act"]["proj:0"] == raw["plain"]["proj:0"]
+    assert max(raw["plain"]["proj:0"]["de"]) > max(raw["plain"]["proj:2"]["de"])
+    # every batched frontier row equals the edit itself, applied by the hooks that training and evaluation use
+    base = edit.ce_by_language(model, texts)
+    for form in edit.FORMS:
+        for key in keys:
+            for i in (0, 3):
+                gate = None if form == "plain" else edit.Gate(form, [key], comps, thresholds, dec, 0.5)
+                ce = edit.ce_by_language(model, texts, edit.ScalarEdit(comps, [key], init=grid[i], gate=gate))
+                for lang in texts:
+                    assert raw[form][key][lang][i] == pytest.approx(ce[lang] - base[lang], abs=1e-5)
 
 
 def test_language_labels_by_hand():
@@ -1527,13 +1878,27 @@ def test_edit_pipeline_end_to_end_resumable_with_choices_on_dev(lm_decomposition
     assert {(r["method"], r["n"]) for r in rows} == {(m, n) for m in cfg.methods for n in cfg.budgets}
     assert all(set(r["test"]) == set(LANGS) and len(r["dev_grid"]) == 2 for r in rows)
     analysis = json.load(open(os.path.join(cfg.out_dir, "components.json")))
-    assert len(analysis["ranked"]) == 3 and all({"m=0", "m=-1"} == set(r["screen"]) for r in analysis["ranked"])
+    assert len(analysis["ranked"]) == 3
     scores = [r["score"] for r in analysis["ranked"]]  # mean CI on German minus on English, best first
     assert scores == sorted(scores, reverse=True) and all(
         r["score"] == pytest.approx(r["mean_ci"]["de"] - r["mean_ci"]["en"], abs=1e-6) for r in analysis["ranked"])
-    assert sum(sum(c.values()) for c in analysis["label_counts"].values()) == sum(LM_MODULES.values()) * 2
-    for name in ("summary.md", "edits.png", "edited_one.pt", "edited_lora4_all.pt"):
+    assert len(analysis["labels"]) == len(analysis["thresholds"]) == sum(LM_MODULES.values()) * 2
+    # the frontier: every alive subcomponent x gate, its best m on the grid; the best per gate starts `best`
+    front = json.load(open(os.path.join(cfg.out_dir, "frontier.json")))
+    assert len(front["entries"]) == 3 * len(analysis["alive"]) and front["candidates"] == len(analysis["alive"])
+    for form, b in front["best"].items():
+        entries = [e for e in front["entries"] if e["form"] == form]
+        assert b == max(entries, key=lambda e: (min(e["remove"], front["gap"]) if e["keep"] <= 0.1 else -1e9, -e["keep"]))
+        assert all(e["m"] == cfg.frontier_grid[edit.best_point(e["grid"]["remove"], e["grid"]["keep"], front["gap"], 0.1)]
+                   for e in entries)
+    best = [r for r in rows if r["method"] == "best_act" and r["n"] == 12][0]
+    assert list(best["prefactors"]) == [front["best"]["act"]["key"]]
+    for name in ("summary.md", "summary.json", "frontier.png", "edited_one.pt", "edited_lora4_all.pt", "edited_best_act.pt"):
         assert os.path.exists(os.path.join(cfg.out_dir, name))
+    assert not os.path.exists(os.path.join(cfg.out_dir, "edited_best_ci.pt"))   # runs only beside the decomposition
+    summary = json.load(open(os.path.join(cfg.out_dir, "summary.json")))
+    assert summary["cost"]["methods"]["best_ci"]["inference"] > 1.5 > summary["cost"]["methods"]["best_act"]["inference"]
+    assert summary["cost"]["methods"]["lora1_all"]["parameters"] == 2 * (4 * (16 + 16) + 2 * (16 + 32))
     assert "tokens to chance" in open(os.path.join(cfg.out_dir, "summary.md")).read()
     # resumable: a rerun with one more budget trains only the new rows
     calls = []
@@ -1548,9 +1913,16 @@ def test_edit_pipeline_end_to_end_resumable_with_choices_on_dev(lm_decomposition
     ed = edit.Editing(cfg)
     # "only": one scalar for every subcomponent labelled de-only (this tiny model has none: a clear error)
     labels = {"h.0.attn.q_proj:1": "de-only", "h.0.attn.q_proj:2": "general", "h.1.mlp.c_fc:5": "de-only"}
-    assert ed.edit_for("only", {"labels": labels}, 0).keys == ["h.0.attn.q_proj:1", "h.1.mlp.c_fc:5"]
+    assert ed.edit_for("only", {"labels": labels}, front, 0).keys == ["h.0.attn.q_proj:1", "h.1.mlp.c_fc:5"]
     with pytest.raises(ValueError, match="no subcomponent is labelled de-only"):
         edit.sweep(dataclasses.replace(cfg, methods=["only"]))
+    with pytest.raises(ValueError, match="a gate belongs to one subcomponent, so to lora<r>_matrix only"):
+        edit.sweep(dataclasses.replace(cfg, methods=["lora1_all_act"]))
+    # gated LoRA: on the frontier's best matrix, under its gate; the random control: the best's start and gate
+    lora = ed.edit_for("lora1_matrix_ci", analysis, front, 0)
+    assert lora.paths == [front["best"]["ci"]["key"].rpartition(":")[0]] and lora.gate.kind == "ci"
+    control = ed.edit_for("random_act", analysis, front, 0)
+    assert control.keys[0] in analysis["alive_others"] and control.m().item() == pytest.approx(front["best"]["act"]["m"])
 
     def fake_ce(model, texts, edit_=None, batch=32):
         lam = fake_ce.lam
@@ -1560,13 +1932,13 @@ def test_edit_pipeline_end_to_end_resumable_with_choices_on_dev(lm_decomposition
     monkeypatch.setattr(edit, "train_edit", lambda *a, **k: setattr(fake_ce, "lam", a[6]) or real_train(*a, **k))
     monkeypatch.setattr(edit, "ce_by_language", fake_ce)
     ed.base_dev, ed.base_test = {l: 0.0 for l in ed.dev}, {l: 0.0 for l in ed.test}
-    row = ed.cell("one", 1, 0, analysis)
+    row = ed.cell("one", 1, 0, analysis, front)
     assert row["lam"] == 2.0
 
     def damaging_ce(model, texts, edit_=None, batch=32):  # the dev-preferred λ now costs English 0.5 nats
         return {**fake_ce(model, texts), cfg.keep: 0.5 if fake_ce.lam == 2.0 and texts is ed.dev else 0.0}
     monkeypatch.setattr(edit, "ce_by_language", damaging_ce)
-    assert ed.cell("one", 1, 0, analysis)["lam"] == 0.5  # more than max_damage = 0.1: not chosen
+    assert ed.cell("one", 1, 0, analysis, front)["lam"] == 0.5  # more than max_damage = 0.1: not chosen
 
 
 def test_edit_cost_counts_the_decomposition_s_own_data(lm_decomposition, tmp_path):
@@ -1578,8 +1950,9 @@ def test_edit_cost_counts_the_decomposition_s_own_data(lm_decomposition, tmp_pat
     (texts / "meta.json").write_text(json.dumps({"train_share": {"de": 0.5}}))
     (data / "meta.json").write_text(json.dumps({"train_share": {"de": 0.25}}))
     try:
-        ed = edit.Editing(edit_config(root, texts, ckpt))
-        cost = ed.cost({"chosen": "h.0.mlp.c_fc:0"})
+        ed = edit.Editing(edit_config(root, texts, ckpt, methods=["one"], frontier_top=2))
+        analysis = ed.analyse(str)
+        cost = ed.costs(analysis, ed.frontier(analysis))
     finally:
         os.remove(data / "meta.json")
     assert cost["decomposition_tokens"] == 10 * 8 * 8 and cost["decomposition_remove_tokens"] == 0.25 * 640
@@ -1587,15 +1960,15 @@ def test_edit_cost_counts_the_decomposition_s_own_data(lm_decomposition, tmp_pat
 
 def test_edit_bad_input_is_a_clear_error(lm_decomposition, tmp_path):
     root, data, ckpt = lm_decomposition
-    _, _, comps, _, _ = edit.load_decomposition(ckpt)
+    _, _, comps, _, _ = vpd.load_decomposition(ckpt)
     with pytest.raises(KeyError, match=r"not a decomposed matrix; decomposed: \[.*h.0.attn.q_proj"):
         edit.ScalarEdit(comps, ["h.9.attn.q_proj:0"])
     with pytest.raises(KeyError, match=r"integer in \[0, 6\) for h.0.mlp.c_fc"):
         edit.ScalarEdit(comps, ["h.0.mlp.c_fc:6"])
     with pytest.raises(FileNotFoundError, match="val_en.bin is missing"):
         edit.Editing(edit_config(root, tmp_path, ckpt))
-    for typo in ("lora4", "lora_all", "lora4_foo", "ones"):  # named before any text is read (no ckpt needed)
-        with pytest.raises(ValueError, match=rf"unknown methods \['{typo}'\]: one, top"):
+    for typo in ("lora4", "lora_all", "lora4_foo", "ones", "best_gate"):  # named before any text is read (no ckpt needed)
+        with pytest.raises(ValueError, match=rf"unknown methods \['{typo}'\]: see METHOD in edit.py"):
             edit.sweep(edit_config(root, tmp_path, "missing.pt", methods=["one", typo]))
     cfg, tcfg, model = toy_run(tmp_path, steps=2, eval_interval=0)
     vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed),
@@ -1617,13 +1990,15 @@ def test_edit_bad_input_is_a_clear_error(lm_decomposition, tmp_path):
         edit.Editing(edit_config(root, foreign, ckpt))
 
 
-def test_pile4l_edit_config_on_a_tiny_stand_in(lm_decomposition, tmp_path):
-    """configs/edit_pile4l.py as written, with its Wikipedia streams and tokenizer replaced by local
-    stand-ins: per-language `text` datasets and a character-level tokenizer saved in a temp dir."""
+def test_pile4l_edit_config_on_a_tiny_stand_in(tmp_path):
+    """configs/edit_pile4l.py as written, on a tiny Goodfire-format decomposition imported as the README says, with
+    its Wikipedia streams and tokenizer replaced by local stand-ins: per-language `text` datasets and a
+    character-level tokenizer saved in a temp dir."""
     pytest.importorskip("transformers")
     from tokenizers import Regex, Tokenizer, models as tok_models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    root, _, ckpt = lm_decomposition
+    write_goodfire_run(tmp_path / "run", **TINY_GOODFIRE)
+    ckpt = vpd.import_goodfire(str(tmp_path / "run"), str(tmp_path / "ours"), n_heads=2)
     chars = "abcdefghijklmnopqrstuvwxyz .,!?"
     tok = Tokenizer(tok_models.WordLevel({c: i for i, c in enumerate(chars)} | {"<eos>": 31}, unk_token="?"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -1639,13 +2014,13 @@ def test_pile4l_edit_config_on_a_tiny_stand_in(lm_decomposition, tmp_path):
     (cfg,) = vpd.configure([os.path.join(os.path.dirname(__file__), "configs", "edit_pile4l.py"), f"--ckpt={ckpt}",
                             f"--out_dir={tmp_path / 'out'}", f"--sources={sources}", f"--tokenizer=hf:{tmp_path / 'tokenizer'}",
                             "--seq_len=8", "--split_tokens=1200", "--analysis_windows=8", "--eval_windows=8", "--top_k=2",
-                            "--budgets=[2]", "--seeds=[0]", "--methods=['one','lora1_matrix']", "--steps=2",
+                            "--budgets=[2]", "--seeds=[0]", "--methods=['one','best_act','lora1_matrix']", "--steps=2",
                             "--keep_batch=2", "--save_budget=2", "--device='cpu'"], edit.EditConfig())
-    assert cfg.tokenizer.startswith("hf:") and cfg.decomposition_processes == 8 and cfg.keep_windows == 32  # the config
+    assert cfg.tokenizer.startswith("hf:") and cfg.frontier_top == 512 and cfg.keep_windows == 32  # the config
     ed = edit.Editing(cfg)
     assert all(ed.test[lang].max() < 32 for lang in LANGS + ["fr"]) and ed.chance == pytest.approx(math.log(32))
     edit.sweep(cfg)
-    assert len(open(tmp_path / "out" / "results.jsonl").readlines()) == 2
+    assert len(open(tmp_path / "out" / "results.jsonl").readlines()) == 3
     assert "[[" in open(tmp_path / "out" / "summary.md").read()        # decoded top-activating contexts
 
 
@@ -1673,17 +2048,18 @@ def test_readme_hugging_face_snippet_runs_as_written(tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / "out/gpt2/ckpt.pt")
 
 
-@pytest.mark.parametrize("name, figures", [("tms_method", ["tms_ci.png"]),
+@pytest.mark.parametrize("name, figures", [("tms_method", ["tms_ci.png", "tms_edit.png"]),
                                            ("language_model", ["lm_training.png", "lm_language_profiles.png"]),
-                                           ("editing", ["editing.png", "editing_off_target.png"])])
+                                           ("editing", ["editing.png", "editing_off_target.png", "editing_frontier.png"]),
+                                           ("attribution_graph", ["attribution_graphs.png", "attribution_de_optimised.json"])])
 def test_notebooks_run_headless(name, figures, lm_decomposition, tmp_path):
     """Each notebook runs top to bottom as a script, on a few TMS steps or on the tiny LM fixture."""
     root, data, ckpt = lm_decomposition
     if name == "editing":
-        edit.sweep(edit_config(root, data, ckpt, out_dir=str(tmp_path / "edit"), methods=["one", "lora1_all"],
-                               seeds=[0, 1]))  # several seeds per budget, as in the real sweep
+        edit.sweep(edit_config(root, data, ckpt, out_dir=str(tmp_path / "edit"), methods=["one", "best_act", "lora1_all"],
+                               seeds=[0, 1], frontier_top=4))  # several seeds per budget, as in the real sweep
     env = {**os.environ, "NB_OUT": str(tmp_path), "NB_STEPS": "40", "NB_CKPT": ckpt, "NB_DATA": str(data),
-           "NB_TOKENIZER": "ids", "NB_WINDOWS": "8", "NB_EDIT": str(tmp_path / "edit")}
+           "NB_TOKENIZER": "ids", "NB_WINDOWS": "8", "NB_EDIT": str(tmp_path / "edit"), "NB_PROMPT_LEN": "6"}
     path = os.path.join(os.path.dirname(__file__), "notebooks", f"{name}.py")
     done = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

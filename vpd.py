@@ -28,6 +28,7 @@ SPD's sigmoid with negative forward values (VPD's lower-leaky one serves SPD-sty
 """
 import ast
 import collections
+import copy
 import dataclasses
 import difflib
 import fnmatch
@@ -41,6 +42,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -76,6 +78,8 @@ class Config:
     ci_n_blocks: int = 8
     ci_n_heads: int = 16
     ci_d_mlp: int = 8192
+    ci_mlp_bias: bool = False        # transformer: biases in its MLP (Goodfire's CI transformer has them)
+    ci_final_norm: bool = True       # transformer: an RMSNorm before the output head (Goodfire's has none)
     # §4 losses
     faith_coeff: float = 1.0
     imp_coeff: float = 3e-3
@@ -133,6 +137,12 @@ def is_conv1d(module) -> bool:
     return type(module).__name__ == "Conv1D" and module.weight.shape == (module.nx, module.nf)
 
 
+def weight_of(module) -> torch.Tensor:
+    """[d_out, d_in], the nn.Linear convention, of an nn.Linear, a Conv1D or Components (a view, no copy)."""
+    transposed = module.transposed if isinstance(module, Components) else is_conv1d(module)
+    return module.weight.T if transposed else module.weight
+
+
 class Components(nn.Module):
     """A target nn.Linear or Conv1D (weight W [d_out, d_in], frozen) rewritten as C rank-1 subcomponents
     and a remainder: W = (V U)^T + Δ, V [d_in, C] reading, U [C, d_out] writing; subcomponent c's weight
@@ -156,8 +166,8 @@ class Components(nn.Module):
         self.cast = None   # (V, U, W) in autocast's dtype, made once per training step (Decomposition.cast_once)
 
     @property
-    def W(self):  # [d_out, d_in], the nn.Linear convention for either kind of module (a view, no copy)
-        return self.weight.T if self.transposed else self.weight
+    def W(self):  # [d_out, d_in]
+        return weight_of(self)
 
     def delta(self):  # [d_out, d_in], in fp32: what the faithfulness loss drives to zero
         return self.W.float() - (self.V @ self.U).T
@@ -272,13 +282,13 @@ class SubcomponentMLPs(nn.Module):
 class Block(nn.Module):
     """Pre-norm bidirectional transformer block: RoPE attention over all positions, then a GELU MLP."""
 
-    def __init__(self, d: int, n_heads: int, d_mlp: int):
+    def __init__(self, d: int, n_heads: int, d_mlp: int, mlp_bias=False):
         super().__init__()
         self.n_heads = n_heads
         self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.proj = nn.Linear(d, d, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(d, d_mlp, bias=False), nn.GELU(), nn.Linear(d_mlp, d, bias=False))
+        self.mlp = nn.Sequential(nn.Linear(d, d_mlp, bias=mlp_bias), nn.GELU(), nn.Linear(d_mlp, d, bias=mlp_bias))
 
     def forward(self, x):  # [B, T, d]
         B, T, d = x.shape
@@ -292,12 +302,13 @@ class CITransformer(nn.Module):
     """VPD's CI function: RMS-normalise each decomposed matrix's input (no learned scale), concatenate
     them in sorted module order, and let a bidirectional transformer map them to ΣC scores per position."""
 
-    def __init__(self, d_ins: dict, Cs: dict, d_model: int, n_blocks: int, n_heads: int, d_mlp: int):
+    def __init__(self, d_ins: dict, Cs: dict, d_model: int, n_blocks: int, n_heads: int, d_mlp: int, mlp_bias=False,
+                 final_norm=True):
         super().__init__()
         self.d_ins = d_ins
         self.proj_in = nn.Linear(sum(d_ins.values()), d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_mlp) for _ in range(n_blocks))
-        self.norm = nn.RMSNorm(d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_mlp, mlp_bias) for _ in range(n_blocks))
+        self.norm = nn.RMSNorm(d_model) if final_norm else nn.Identity()
         self.proj_out = nn.Linear(d_model, sum(Cs.values()))
 
     def forward(self, inputs: dict, comps: dict = None) -> dict:
@@ -335,7 +346,8 @@ class Decomposition(nn.Module):
             self.ci_fn = SubcomponentMLPs(Cs, cfg.ci_hidden)
         else:
             d_ins = {n: c.V.shape[0] for n, c in self.comps.items()}
-            self.ci_fn = CITransformer(d_ins, Cs, cfg.ci_d_model, cfg.ci_n_blocks, cfg.ci_n_heads, cfg.ci_d_mlp)
+            self.ci_fn = CITransformer(d_ins, Cs, cfg.ci_d_model, cfg.ci_n_blocks, cfg.ci_n_heads, cfg.ci_d_mlp,
+                                       cfg.ci_mlp_bias, cfg.ci_final_norm)
         self.ci_fn.to(self.target_device())
         self.Cs, self.tie = list(Cs.values()), cfg.tie
         self.recon = recon_loss  # compiled on CUDA (see compile_hot_paths)
@@ -347,8 +359,8 @@ class Decomposition(nn.Module):
         self.tie_weights()
         # which matrix each source channel belongs to (routing is per matrix): ΣC mask channels, then M δ channels
         M = len(Cs)
-        self.matrix_of = torch.cat([torch.arange(M).repeat_interleave(torch.tensor(self.Cs)),
-                                    torch.arange(M)]).to(self.target_device())
+        self.matrix_of = torch.tensor([i for i, C in enumerate(self.Cs) for _ in range(C)] + list(range(M)),
+                                      device=self.target_device())
 
     @torch.no_grad()
     def tie_weights(self):
@@ -826,6 +838,197 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# §7 Attribution graphs: which subcomponents compute one prediction, and how they drive each other
+
+@contextmanager
+def detached_subcomponents(dec, delta=True):
+    """The forward that attribution graphs differentiate. Every mask is 1, so the output is the target's, but each
+    matrix's subcomponent activations a = x V go on as a detached leaf copy a': out = a' U + Δx + bias (without Δx
+    when delta is False). A gradient thus reaches a subcomponent only through the residual stream, norms,
+    nonlinearities, attention and Δ, never through another subcomponent: the paper's stop-gradient on every
+    non-source subcomponent. The first nn.Embedding's output is detached the same way. Yields
+    {path or "embed": (a [..., C] attached, a' leaf)}, filled by each forward."""
+    acts = {}
+
+    def matrix(path, comp, module, inputs, out):
+        x = inputs[0]
+        a = x @ comp.V
+        acts[path] = (a, a.detach().requires_grad_())
+        out = acts[path][1] @ comp.U + (F.linear(x, comp.delta().to(x.dtype)) if delta else 0)
+        return out if comp.bias is None else out + comp.bias
+
+    def embedding(module, inputs, out):
+        acts["embed"] = (out, out.detach().requires_grad_())
+        return acts["embed"][1]
+    embed = next((m for m in dec.target.modules() if isinstance(m, nn.Embedding)), None)
+    hooks = [c.register_forward_hook(partial(matrix, n, c)) for n, c in dec.comps.items()]
+    hooks += [embed.register_forward_hook(embedding)] if embed is not None else []
+    try:
+        yield acts
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def by_position(t):  # [B, *positions, C] -> [B, P, C]: toy inputs have one position, sequences T
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def repeat(x, k: int):  # one input (a tensor or a dict of keyword inputs) k times along the batch
+    return x.expand(k, *x.shape[1:]) if torch.is_tensor(x) else {n: v.expand(k, *v.shape[1:]) for n, v in x.items()}
+
+
+def attribution_forward(dec, x, delta=True):
+    """Runs `detached_subcomponents` on x; a toy input without an embedding becomes the input leaf itself."""
+    with detached_subcomponents(dec, delta) as acts:
+        if torch.is_tensor(x) and x.is_floating_point():
+            x = x.detach().clone().requires_grad_()
+            acts["embed"] = (x, x)
+        out = dec(x)
+    return out, acts
+
+
+def links(dec, x) -> dict:
+    """Which node kinds reach which without passing through another subcomponent, found by probing gradients with
+    Δ off (only the residual stream, norms, nonlinearities and attention carry them): {target: {source: whether
+    across positions}}, the target "output" being the model's output. In a transformer the links across positions
+    are k/v -> o of one attention block."""
+    out, acts = attribution_forward(dec, x, delta=False)
+    found = {}
+    for target, value in [(n, acts[n][0]) for n in dec.comps] + [("output", out)]:
+        sources = [s for s in acts if s != target]
+        grads = torch.autograd.grad(by_position(value)[:, -1].sum(), [acts[s][1] for s in sources], retain_graph=True,
+                                    allow_unused=True)
+        found[target] = {s: bool(by_position(g)[:, :-1].abs().sum() > 0) for s, g in zip(sources, grads)
+                         if g is not None and g.abs().sum() > 0}
+    return found
+
+
+def attribution_graph(dec, x, position=-1, threshold=0.0, ci=None, ci_weighted=True, logits=True, output_prob=0.01,
+                      max_outputs=15, max_edges=20_000, batch=64) -> dict:
+    """The attribution graph of one input x ([1, T] tokens, a dict of them, or a toy's [1, d]) for its prediction at
+    `position`. Nodes: (matrix, position, c) with CI > threshold at positions up to `position` (ci [1, ..., ΣC]: the
+    CI function's unless given, e.g. an optimised one); one input node per position (the embedding's output, summed
+    over its width; a toy's input); output nodes: with logits, the tokens whose probability under CI masks exceeds
+    output_prob, at most max_outputs; else the max_outputs largest output coordinates. Edges:
+    attr(s -> t) = ∂a_t/∂a'_s · a'_s · g_s, g_s the source's CI (the paper's formula; ci_weighted=False leaves it
+    out, as Goodfire's app does), between nodes at one position, or across positions where `links` finds them.
+    Returns {"position", "nodes", "edges"}: the max_edges strongest edges by |attribution|."""
+    with torch.no_grad():
+        dec(x)
+        ci = dec.causal_importance()[0] if ci is None else ci
+        out_ci = by_position(dec.masked(x, dec.masks(ci, torch.zeros(*ci.shape[:-1], ci.shape[-1] + len(dec.Cs)))))
+    P = by_position(ci).shape[1]
+    p = position % P
+    cis = {n: by_position(g)[0] for n, g in dec.split(ci).items()}                          # {path: [P, C]}
+    alive = {n: (g > threshold) & (torch.arange(P)[:, None] <= p) for n, g in cis.items()}
+    score = out_ci[0, p].float().softmax(-1) if logits else out_ci[0, p].abs()
+    top = score.topk(min(max_outputs, len(score)))
+    outputs = top.indices[(top.values > output_prob) if logits else slice(None)].tolist()
+    targets = [(n, s, c) for n in dec.comps for s, c in alive[n].nonzero().tolist()] + [("output", p, o) for o in outputs]
+    link = links(dec, x)
+    sources = ["embed", *dec.comps]
+    found = torch.zeros(0, 5)                    # the strongest edges so far: source, s_in, c_in, target, attribution
+    for start in range(0, len(targets), batch):
+        chunk = targets[start:start + batch]
+        out, acts = attribution_forward(dec, repeat(x, len(chunk)))
+        values = {n: by_position(a) for n, (a, _) in acts.items()} | {"output": by_position(out)}
+        total = sum(values[t][k, s, c] for k, (t, s, c) in enumerate(chunk))
+        grads = torch.autograd.grad(total, [acts[n][1] for n in sources if n in acts], allow_unused=True)
+        pos = torch.arange(P)
+        at = torch.tensor([s for _, s, _ in chunk])[:, None]                                 # [K, 1]
+        for i, (source, grad) in enumerate(zip([n for n in sources if n in acts], grads)):
+            if grad is None:
+                continue
+            attr = by_position(grad) * by_position(acts[source][1]).detach()                  # [K, P, C]
+            if source == "embed":
+                attr, ok = attr.sum(-1, keepdim=True), torch.ones(P, 1, dtype=torch.bool)
+            else:
+                attr, ok = attr * cis[source] if ci_weighted else attr, alive[source]
+            cross = torch.tensor([link[t].get(source, False) for t, _, _ in chunk])[:, None]
+            linked = torch.tensor([source in link[t] for t, _, _ in chunk])[:, None]
+            where = ((pos == at) | (cross & (pos <= at))) & linked                              # [K, P]
+            k, s, c = (where[..., None] & ok).nonzero(as_tuple=True)
+            new = torch.stack([torch.full_like(k, sources.index(source)), s, c, k + start]).float().T
+            found = torch.cat([found, torch.cat([new, attr[k, s, c].detach().float()[:, None]], 1)])
+        found = found[found[:, 4].abs().argsort(descending=True)[:max_edges]]
+    name = lambda n, s, c: f"embed@{s}" if n == "embed" else f"output:{c}@{s}" if n == "output" else f"{n}:{c}@{s}"
+    with torch.no_grad():
+        a = {n: by_position(dec.comps[n].input @ dec.comps[n].V)[0] for n in dec.comps}      # dec(x) above cached them
+    nodes = [{"id": f"embed@{s}", "layer": "embed", "position": s} for s in range(p + 1)]
+    nodes += [{"id": name(n, s, c), "layer": n, "position": s, "c": c, "ci": cis[n][s, c].item(), "act": a[n][s, c].item()}
+              for n, s, c in targets if n != "output"]
+    nodes += [{"id": name("output", p, o), "layer": "output", "position": p, "c": o, "score": score[o].item()} for o in outputs]
+    edges = [{"source": name(sources[int(n)], int(s), int(c)), "target": name(*targets[int(t)]), "attribution": v}
+             for n, s, c, t, v in found.tolist() if v != 0]
+    return {"position": p, "nodes": nodes, "edges": edges}
+
+
+def label_ce(dec, x, masks, label: int, position: int):
+    """Cross-entropy of one token at one position of a language model, under masks."""
+    logits = by_position(dec.masked(x, masks))[:, position].float()
+    return F.cross_entropy(logits, torch.full((len(logits),), label, device=logits.device))
+
+
+def prompt_adversary(dec, x, ci, label: int, position: int, steps=4, step_size=1.0, free=None):
+    """Sources [..., ΣC + M] that raise the label's CE under masks g + (1 - g) s: a random start, then sign-gradient
+    steps, each clamped to [0, 1]. Unlike training's adversary, one per entry (not shared), with Δ's channels at 0
+    (no Δ), and 0 outside `free` [..., ΣC] when given (those entries then keep m = g)."""
+    keep = torch.cat([torch.ones_like(ci) if free is None else free.float(), torch.zeros(*ci.shape[:-1], len(dec.Cs))], -1)
+    sources = torch.rand_like(keep) * keep
+    for _ in range(steps):
+        sources.requires_grad_()
+        (grad,) = torch.autograd.grad(label_ce(dec, x, dec.masks(ci.detach(), sources), label, position), [sources])
+        sources = ((sources + step_size * grad.sign()).clamp(0, 1) * keep).detach()
+    return sources
+
+
+def optimise_ci(dec, x, label: int, position=-1, steps=500, lr=1e-2, imp_coeff=0.05, p=0.3, adv_steps=4,
+                threshold=0.0, seed=0):
+    """The paper's optimised ("post-hoc") CI of one prompt: AdamW on the pre-sigmoid CI of the alive entries
+    (CI > threshold at positions up to `position`, starting from the CI function's; the rest fixed at 0) to keep
+    the label's CE low under stochastic masks (δ random) and under a small fresh adversary (`prompt_adversary`
+    over the alive entries), plus imp_coeff · importance minimality at p. Returns the optimised CI [1, ..., ΣC],
+    whose nonzero entries are the nodes that survive."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        dec(x)
+        z0 = dec.ci_fn({n: c.input for n, c in dec.comps.items()}, dec.comps)
+    P = by_position(z0).shape[1]
+    before = (torch.arange(P) <= position % P).reshape(*z0.shape[1:-1], 1)
+    alive = (LowerLeakyHardSigmoid.apply(z0) > threshold) & before
+    z = z0.clone().requires_grad_()
+    opt = torch.optim.AdamW([z], lr=lr, weight_decay=0)
+    for _ in range(steps):
+        zz = torch.where(alive, z, 0.0)
+        g = LowerLeakyHardSigmoid.apply(zz)
+        u = torch.rand(*g.shape[:-1], g.shape[-1] + len(dec.Cs))
+        loss = label_ce(dec, x, dec.masks(g, u), label, position)
+        loss = loss + imp_coeff * importance_minimality_loss(upper_leaky_hard_sigmoid(zz), p, 0.0)
+        if adv_steps:
+            sources = prompt_adversary(dec, x, g, label, position, adv_steps, free=alive)
+            loss = loss + label_ce(dec, x, dec.masks(g, sources), label, position)
+        (z.grad,) = torch.autograd.grad(loss, [z])
+        opt.step()
+    return LowerLeakyHardSigmoid.apply(torch.where(alive, z, 0.0)).detach()
+
+
+@torch.no_grad()
+def faithfulness(dec, x, label: int, ci, position=-1, adv_steps=4, seed=0) -> dict:
+    """The label's probability under the target, CI masks (δ = 0), one stochastic sample (m = g + (1 - g) u,
+    δ ~ U(0, 1)) and a fresh adversary (`prompt_adversary`) on the graph's nodes (CI > 0; every other entry
+    ablated): a faithful graph keeps all four high."""
+    torch.manual_seed(seed)
+    prob = lambda masks: label_ce(dec, x, masks, label, position).neg().exp().item()
+    channels = (*ci.shape[:-1], ci.shape[-1] + len(dec.Cs))
+    with torch.enable_grad():
+        adversary = prompt_adversary(dec, x, ci, label, position, adv_steps, free=ci > 0)
+    target = by_position(dec(x))[:, position].float().softmax(-1)[0, label].item()
+    return {"target": target, "ci": prob(dec.masks(ci, torch.zeros(channels))),
+            "stochastic": prob(dec.masks(ci, torch.rand(channels))), "adversarial": prob(dec.masks(ci, adversary))}
+
+
+# -----------------------------------------------------------------------------
 # Appendix A: data parallelism. Each rank runs its own batch; V, U and the CI function stay identical.
 
 def world_size():
@@ -915,6 +1118,124 @@ def load_decomposition_state(dec, ckpt: dict, path="the checkpoint"):
         dec.ci_fn.load_state_dict(ckpt["ci_fn"])
     except RuntimeError as e:
         raise ValueError(f"{path} holds another CI function (ci_fn and its sizes must match the config):\n{e}") from None
+
+
+def load_decomposition(path: str, device="cpu"):
+    """A vpd.py checkpoint -> (the plain target, its Decomposition on a copy of it, {path: {"V", "U"}},
+    the target's config, the decomposition's config). The plain target is what edits are applied to and
+    saved from; the decomposition gives CI."""
+    ckpt = load_checkpoint(path, keys=("config", "components", "target", "ci_fn"))  # no optimizer needed
+    known = {f.name for f in dataclasses.fields(models.TargetConfig)}
+    tcfg = models.TargetConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
+    target = models.build_model(tcfg)
+    target.load_state_dict(ckpt["target"])
+    target.to(device).eval().requires_grad_(False)
+    known = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    dec = Decomposition(copy.deepcopy(target), cfg)
+    load_decomposition_state(dec, ckpt, path)
+    dec.to(device).eval()
+    components = {n: {"V": c.V.detach(), "U": c.U.detach()} for n, c in dec.comps.items()}
+    return target, dec, components, tcfg, cfg
+
+
+def import_goodfire(run: str, out_dir: str, n_heads: int = None) -> str:
+    """Goodfire's saved decomposition -> out_dir/ckpt.pt, a checkpoint that load_decomposition and edit.py read.
+    run: a directory with model_<step>.pth and final_config.yaml (older runs) or run_meta.yaml, or
+    "wandb:entity/project/runs/id" (downloaded once into out/goodfire/). Their state dict holds target_model.<the
+    target's keys>, _components.<path, "-" for ".">.{V, U} in our orientation, and ci_fn._global_ci_fn.* for their
+    global shared transformer: an input projector, pre-norm blocks with parameter-free RMSNorms, separate q, k, v, out
+    projections, an MLP with biases, no final norm, an output head; their Linear stores W as [in, out]. Only that CI
+    function, the leaky-hard sigmoid and a LlamaSimpleMLP target; anything else is refused by name. n_heads: the
+    target's, which the decomposition's files do not hold (a model_config.yaml beside them is read if present)."""
+    import yaml
+    if run.startswith("wandb:"):
+        run = os.path.dirname(models.download_wandb(run, r"model_(\d+)\.pth", out_dir="out/goodfire",
+                                                    also=("final_config.yaml", "run_meta.yaml", "model_config.yaml")))
+    steps = {int(m[1]): f for f in glob.glob(os.path.join(run, "model_*.pth"))
+             if (m := re.fullmatch(r"model_(\d+)\.pth", os.path.basename(f)))}
+    meta = [os.path.join(run, f) for f in ("run_meta.yaml", "final_config.yaml") if os.path.exists(os.path.join(run, f))]
+    if not steps or not meta:
+        raise FileNotFoundError(f"{run} should hold Goodfire's model_<step>.pth and final_config.yaml or run_meta.yaml; "
+                                f"it holds {sorted(os.listdir(run)) if os.path.isdir(run) else 'nothing (no directory)'}")
+    raw = yaml.safe_load(open(meta[0]))
+    if "pd" in raw:  # run_meta.yaml, after their refactor
+        pd, data, target_class, targets = raw["pd"], raw.get("data", {}), raw["target"]["spec"]["model_class"], "decomposition_targets"
+    else:            # final_config.yaml
+        pd, data, target_class, targets = raw, raw.get("task_config", {}), raw.get("pretrained_model_class", ""), "module_info"
+    ci, sizes = pd["ci_config"], pd["ci_config"].get("simple_transformer_ci_cfg") or {}
+    refused = {"ci_config.fn_type": ci.get("fn_type") != "global_shared_transformer",
+               "sigmoid_type": pd.get("sigmoid_type", "leaky_hard") != "leaky_hard",
+               "target class": not target_class.endswith("LlamaSimpleMLP"),
+               "identity targets": bool(pd.get("identity_module_info") or pd.get("identity_decomposition_targets")),
+               "use_delta_component": pd.get("use_delta_component", True) is False,
+               "an MLP of other than one hidden layer": len(sizes.get("mlp_hidden_dim") or [0]) != 1,
+               "attn_config.rope_base": (sizes.get("attn_config") or {}).get("rope_base", 10000.0) != 10000.0}
+    if any(refused.values()):
+        values = {"ci_config.fn_type": ci.get("fn_type"), "sigmoid_type": pd.get("sigmoid_type"),
+                  "target class": target_class, "attn_config.rope_base": (sizes.get("attn_config") or {}).get("rope_base")}
+        raise ValueError(f"{meta[0]}: vpd.py imports Goodfire's global_shared_transformer CI with the leaky_hard sigmoid "
+                         "(RoPE base 1e4, one MLP hidden layer) on a LlamaSimpleMLP target with the delta component "
+                         "and no identity targets; not supported here: "
+                         + ", ".join(f"{k} {values.get(k, '')}".strip() for k, bad in refused.items() if bad))
+    step = max(steps)
+    sd = torch.load(steps[step], map_location="cpu", weights_only=True)
+    target = {k.removeprefix("target_model."): v for k, v in sd.items() if k.startswith("target_model.")}
+    comps = {}
+    for k, v in sd.items():
+        name, _, kind = k.removeprefix("_components.").rpartition(".")
+        if k.startswith("_components.") and kind in ("V", "U"):  # .bias is the target's own, in target_model
+            comps.setdefault(name.replace("-", "."), {})[kind] = v
+    theirs = {k.removeprefix("ci_fn._global_ci_fn."): v for k, v in sd.items() if k.startswith("ci_fn._global_ci_fn.")}
+    if any(not k.startswith(("target_model.", "_components.", "ci_fn._global_ci_fn.")) for k in sd):
+        raise ValueError(f"{steps[step]} holds keys of no global CI transformer decomposition, e.g. "
+                         f"{next(k for k in sd if not k.startswith(('target_model.', '_components.', 'ci_fn._global_ci_fn.')))}")
+    n_blocks, d_model = sizes["n_blocks"], sizes["d_model"]
+    try:
+        ci_state = {"proj_in.weight": theirs.pop("_input_projector.W").T, "proj_in.bias": theirs.pop("_input_projector.b"),
+                    "proj_out.weight": theirs.pop("_output_head.W").T, "proj_out.bias": theirs.pop("_output_head.b")}
+        for i in range(n_blocks):
+            b, ours = f"_blocks.{i}.", f"blocks.{i}."
+            ci_state[ours + "qkv.weight"] = torch.cat([theirs.pop(f"{b}attn.{n}_proj.weight") for n in "qkv"])  # fused
+            ci_state[ours + "proj.weight"] = theirs.pop(b + "attn.out_proj.weight")
+            theirs.pop(b + "attn.rope.inv_freq")  # base 1e4 over the whole head, as models.rope computes it
+            for j in (0, 2):
+                ci_state[f"{ours}mlp.{j}.weight"] = theirs.pop(f"{b}mlp.{j}.W").T
+                ci_state[f"{ours}mlp.{j}.bias"] = theirs.pop(f"{b}mlp.{j}.b")
+            ci_state[ours + "norm1.weight"] = ci_state[ours + "norm2.weight"] = torch.ones(d_model)  # theirs: no weight
+    except KeyError as e:
+        raise ValueError(f"{steps[step]} lacks the CI transformer's key ci_fn._global_ci_fn.{e.args[0]}") from None
+    if theirs:
+        raise ValueError(f"{steps[step]}: CI function keys that a {n_blocks}-block transformer does not have: {sorted(theirs)[:4]}")
+    model_config = os.path.join(run, "model_config.yaml")
+    n_heads = yaml.safe_load(open(model_config))["n_head"] if os.path.exists(model_config) else n_heads
+    if n_heads is None:
+        raise ValueError(f"{run} does not say the target's number of attention heads: pass --n_heads (Pile-4L: 6)")
+    vocab, d = target["wte.weight"].shape
+    tcfg = models.TargetConfig(model="llama_simple_mlp", n_layers=1 + max(int(k.split(".")[1]) for k in target if k.startswith("h.")),
+                               d_model=d, n_heads=n_heads, d_mlp=target["h.0.mlp.c_fc.weight"].shape[0], vocab_size=vocab,
+                               seq_len=data.get("max_seq_len", 512), dataset=data.get("dataset_name", "random"), train_target=False)
+    cfg = Config(out_dir=out_dir, modules={t["module_pattern"]: t["C"] for t in pd[targets]}, ci_fn="transformer",
+                 ci_d_model=d_model, ci_n_blocks=n_blocks, ci_n_heads=sizes["attn_config"]["n_heads"],
+                 ci_d_mlp=sizes["mlp_hidden_dim"][0], ci_mlp_bias=True, ci_final_norm=False, recon_loss="kl",
+                 ci_threshold=0.0, steps=pd.get("steps", step), batch_size=pd.get("batch_size", 1))
+    ckpt = {"config": {**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)}, "step": step, "components": comps,
+            "target": target, "ci_fn": ci_state}
+    with torch.device("meta"):  # every tensor where our model expects it, at its shape, before anything is written
+        dec = Decomposition(models.build_model(tcfg), cfg)
+    want = {"components": {n: {"V": c.V.shape, "U": c.U.shape} for n, c in dec.comps.items()},
+            "target": {k: v.shape for k, v in dec.target.state_dict().items() if not k.endswith((".V", ".U"))},
+            "ci_fn": {k: v.shape for k, v in dec.ci_fn.state_dict().items()}}
+    for part, shapes in want.items():
+        got = {k: ({kk: vv.shape for kk, vv in v.items()} if part == "components" else v.shape) for k, v in ckpt[part].items()}
+        if got != shapes:
+            diff = sorted(k for k in {*got, *shapes} if got.get(k) != shapes.get(k))
+            raise ValueError(f"{steps[step]}: its {part} do not fit the translated config, at {diff[:4]}")
+    os.makedirs(out_dir, exist_ok=True)
+    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), ckpt)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(ckpt["config"], f, indent=1)
+    return os.path.join(out_dir, "ckpt.pt")
 
 
 class RunFiles:
@@ -1304,6 +1625,15 @@ def configure(argv: list, *configs):
 
 
 def main(argv):
+    if argv[:1] == ["import"]:  # python vpd.py import <Goodfire run: directory or wandb:...> <out_dir> [--n_heads=6]
+        run, out_dir, *rest = argv[1:] + [None] * (2 - len(argv[1:]))
+        if out_dir is None or any(not a.startswith("--n_heads=") for a in rest):
+            raise SystemExit("usage: python vpd.py import <Goodfire run directory or wandb:entity/project/runs/id> "
+                             "<out_dir> [--n_heads=N]")
+        t0 = time.perf_counter()
+        path = import_goodfire(run, out_dir, *[int(a.partition("=")[2]) for a in rest])
+        print(f"wrote {path} in {time.perf_counter() - t0:.0f} s (peak memory {peak_memory_gb(torch.device('cpu')):.1f} GiB)")
+        return
     # the masks, logits and their gradients differ in size between the losses: segments that grow in place
     # instead of cached blocks of fixed sizes leave less memory stranded (set before CUDA starts)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

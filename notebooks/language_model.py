@@ -23,13 +23,14 @@ if "ipykernel" not in sys.modules:
 import matplotlib.pyplot as plt
 
 import edit
+import vpd
 
 CKPT = os.environ.get("NB_CKPT", os.path.join(ROOT, "out", "fortunes", "ckpt.pt"))
 DATA = os.environ.get("NB_DATA", os.path.join(ROOT, "data", "fortunes"))
 OUT = os.environ.get("NB_OUT", os.path.join(ROOT, "out", "notebooks"))
 TOKENIZER = os.environ.get("NB_TOKENIZER", "gpt2")
 os.makedirs(OUT, exist_ok=True)
-target, dec, components, tcfg, _ = edit.load_decomposition(CKPT)
+target, dec, components, tcfg, _ = vpd.load_decomposition(CKPT)
 print(f"{len(components)} decomposed matrices, {sum(c['V'].shape[1] for c in components.values())} subcomponents")
 
 # %% [markdown]

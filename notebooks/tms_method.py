@@ -4,7 +4,7 @@
 # A reading-group walk through the method on the smallest model that has superposition: 5 sparse
 # features squeezed through 2 hidden dimensions, x̂ = ReLU(Wᵀ W x + b). We build a decomposition, look at
 # one subcomponent, the causal-importance (CI) function and the masks, compute every loss by hand next to
-# `vpd.py`'s function, train it until it finds the 5 features, and edit one of them.
+# `vpd.py`'s function, train it until it finds the 5 features, and edit one of them: by hand, then trained on a few examples against LoRA.
 #
 # Run it as a script (`python notebooks/tms_method.py`, a few minutes on a CPU) or cell by cell in an
 # editor that reads `# %%` cells (VS Code, or Jupyter with jupytext). Figures go to `out/notebooks/`.
@@ -131,7 +131,7 @@ get_batch = models.sparse_features(tcfg, cfg.batch_size, cfg.seed)
 run_config = {**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)}  # saved in the checkpoint: what built it
 metrics = vpd.train(cfg, copy.deepcopy(target), get_batch, models.toy_truth(tcfg, target, "cpu"), run_config)
 print({k: metrics[k] for k in ("mmcs", "ml2r", "ci_error/total", "alive/linear1", "alive/linear2")})
-plain, dec, components, _, _ = edit.load_decomposition(os.path.join(cfg.out_dir, "ckpt.pt"))
+plain, dec, components, _, _ = vpd.load_decomposition(os.path.join(cfg.out_dir, "ckpt.pt"))
 ci = vpd.probe_ci(dec, probes)["linear1"]
 alive = ci.max(0).values > 0.1
 fig, ax = plt.subplots(figsize=(5, 3))
@@ -154,3 +154,41 @@ with torch.no_grad():
         after = plain(probes)
 print("output change per probe (rows) and output (columns), m = 0 on feature 0's subcomponent:\n",
       (after - before).round(decimals=3))
+
+# %% [markdown]
+# ## A trained edit against LoRA
+# Train that scalar on n examples of inputs with feature 0 to drive output 0 to zero (and nothing else), next to a
+# rank-1 LoRA on the same matrix. The scalar only rescales x·V[:, c], which is ~0 unless feature 0 is on, so it
+# cannot touch inputs without feature 0, however few examples it saw. LoRA's read vector is free: a few examples
+# of feature 0 do not pin it there, and inputs without feature 0 move.
+
+# %%
+x_test = get_batch("val", 0)[0]
+has_0 = x_test[:, 0] > 0
+rows = []
+for n in (1, 2, 4, 8, 16):
+    pool = get_batch("train", n)[0]
+    x_remove = pool[pool[:, 0] > 0][:n]
+    for name, ed in (("scalar", edit.ScalarEdit(components, [f"linear1:{best[0].item()}"])),
+                     ("rank-1 LoRA", edit.LoRA(plain, ["linear1"], 1, seed=n))):
+        opt = torch.optim.Adam(ed.parameters(), lr=0.05)
+        for _ in range(200):
+            with edit.applied(ed, plain):
+                loss = plain(x_remove)[:, 0].pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            with edit.applied(ed, plain):
+                out = plain(x_test)
+            orig = plain(x_test)
+        left = (out[has_0, 0].pow(2).sum() / orig[has_0, 0].pow(2).sum()).item()
+        rows.append((n, name, left, torch.nn.functional.mse_loss(out[~has_0], orig[~has_0]).item()))
+        print(f"n = {n:2d} {name:>12}: energy of output 0 left {left:.3f}, change on inputs without feature 0 {rows[-1][3]:.2e}")
+fig, ax = plt.subplots(figsize=(5, 3.5))
+for name, marker in (("scalar", "o-"), ("rank-1 LoRA", "s-")):
+    ax.plot(*zip(*[(n, hurt) for n, nm, _, hurt in rows if nm == name]), marker, label=name)
+ax.set(xscale="log", yscale="log", xlabel="training inputs with feature 0", ylabel="MSE on inputs without it",
+       title="what the edit changes where it should not")
+ax.legend()
+fig.savefig(os.path.join(OUT, "tms_edit.png"), dpi=100, bbox_inches="tight")
