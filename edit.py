@@ -1,29 +1,28 @@
-"""
-edit.py: edit a model through its parameter components, and the German-removal experiment.
 
-A decomposition written by vpd.py rewrites each decomposed matrix as W = Σ_c (V[:, c] ⊗ U[c, :])^T + Δ, so every
-subcomponent is an edit handle: a scalar prefactor m_c that adds (m_c - 1) g (x · V[:, c]) U[c, :] to its matrix's
+"""edit.py: edit a model through its parameter components; the German-removal experiment.
+
+A decomposition written by vpd.py rewrites each decomposed matrix as W = Σ_c (V[:, c] ⊗ U[c, :])^T + Δ, so
+every subcomponent is an edit handle: a scalar m_c that adds (m_c - 1) g (x · V[:, c]) U[c, :] to its matrix's
 output (Δ and biases untouched), where the gate g says where the edit acts:
 
-    plain   g = 1: a weight edit, W' = W + (m_c - 1) (V[:, c] ⊗ U[c, :])^T, baked into an ordinary copy of the model
-    act     g = 1[|x · V[:, c]| > θ_c], θ_c a high quantile of the keep language's activations, fixed before any
-            edit: an ordinary module with one extra nonlinearity, saved and loaded without the decomposition
+    plain   g = 1: a weight edit, W' = W + (m_c - 1) (V[:, c] ⊗ U[c, :])^T, baked into a copy of the model
+    act     g = 1[|x · V[:, c]| > θ_c], θ_c a high quantile of the keep language's |x · V[:, c]|, fixed before
+            any edit: a plain module, one more nonlinearity, saved, loaded and run without the decomposition
     ci      g = 1[CI_c > τ]: a runtime edit that runs the decomposition's CI function beside the model
 
-m = 1 changes nothing, 0 removes the subcomponent, -1 inverts it. A subcomponent is named "<module path>:<c>",
-e.g. "h.1.attn.v_proj:57".
+m = 1 changes nothing, 0 removes the subcomponent, -1 inverts it. A subcomponent is named "<module path>:<c>".
 
     python edit.py configs/edit_fortunes_quick.py    # remove German from the fortunes model, minutes on a CPU
     python edit.py configs/edit_fortunes.py          # the full token-budget sweep
 
-Sections: config; §1 edits (scalars, LoRA and gates as forward hooks; baking and saving); §2 what each subcomponent
-does, per language; §3 the causal frontier; §4 the edit objective and its training; §5 the sweep; §6 the report.
-Left out on purpose: hand-written write vectors, and autointerp (every text's language is known, so labels come from
-statistics with thresholds fixed before any edit). The toy edit on TMS is in notebooks/tms_method.py.
+Sections: config; §1 edits (scalars, LoRA, gates) as forward hooks, baked and saved; §2 what each subcomponent
+does, per language; §3 the causal frontier; §4 the edit objective and its training; §5 the sweep; §6 the
+summary (summary.json, which notebooks/editing.py tabulates and draws, and frontier.png). Left out on purpose:
+hand-written write vectors, and autointerp (every text's language is known, so labels come from statistics
+with thresholds fixed before any edit). The toy edit on TMS is in notebooks/tms_method.py.
 """
 import copy
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -48,12 +47,12 @@ import vpd
 #   one             Goodfire's procedure: the top "<remove>-only" subcomponent by mean-CI difference, from m = 1
 #   top, only       the top_k ranked subcomponents' scalars, or every "<remove>-only" one's, from m = 1
 #   best            the causal frontier's best subcomponent for the gate, from its m, as m = sign · exp(u)
-#   random          a control for best: a random alive subcomponent outside the ranked ones, same gate and start
+#   random          a control for best: a random alive subcomponent outside the ranked ones, from best's m,
+#                   under a gate of the same kind (its own)
 #   lora<r>_all     rank-r LoRA on every decomposed matrix (no gate)
 #   lora<r>_matrix  rank-r LoRA on one matrix: one's without a gate; with a gate, best's matrix under best's gate
 METHOD = re.compile(r"(one|top|only|best|random|lora([1-9][0-9]*)_(all|matrix))(?:_(ci|act))?")
 FORMS = ("plain", "ci", "act")
-NAMES = {"en": "English", "de": "German", "es": "Spanish", "it": "Italian", "fr": "French"}
 
 
 @dataclass
@@ -61,8 +60,8 @@ class EditConfig:
     ckpt: str = "out/fortunes/ckpt.pt"     # a vpd.py checkpoint: the target and its decomposition
     out_dir: str = "out/edit_fortunes"
     device: str = "auto"                   # "auto": cuda when available
-    # text: {split}_{lang}.bin uint16 token files in `data` (data/fortunes/prepare.py); splits: train (edit
-    # training), val (what components do), dev (the frontier and hyper-parameters), test (everything reported)
+    # text (models.language_splits): splits train (edit training), val (what components do), dev (the frontier
+    # and hyper-parameters), test (everything reported)
     data: str = "data/fortunes"
     tokenizer: str = "gpt2"                # "gpt2" (data/fortunes' truncated BPE), "hf:<name or dir>", "ids"
     sources: dict = field(default_factory=dict)  # lang -> Hugging Face dataset "name[:subset]", streamed
@@ -71,7 +70,7 @@ class EditConfig:
     remove: str = "de"
     keep: str = "en"
     seq_len: int = 64
-    # §2 labels and gates, fixed here before any edit; shares are of the mean CI summed over languages
+    # §2 labels and gates, fixed before any edit; shares are of the mean CI summed over languages
     analysis_windows: int = 200            # held-out windows per language
     fire_threshold: float = 0.1            # a subcomponent fires where its CI exceeds this
     dead_freq: float = 1e-3                # dead: fires on fewer positions than this in every language
@@ -81,24 +80,24 @@ class EditConfig:
     top_k: int = 16                        # ranked by mean CI on `remove` minus on `keep`
     n_contexts: int = 2                    # top-activating contexts per language and ranked subcomponent
     ci_tau: float = 0.5                    # the CI gate: where CI > ci_tau
-    act_quantile: float = 0.99             # the activation gate: where |x·V_c| > this quantile of it on `keep`
-    # §3 the causal frontier on the dev split: every alive subcomponent (or the frontier_top ranked ones) x gate x m
+    act_quantile: float = 0.99             # the activation gate: where |x·V_c| > this quantile on `keep`
+    # §3 the frontier on dev windows: every alive subcomponent (or the frontier_top ranked) x gate x m
     frontier_windows: int = 8
     frontier_grid: list = field(default_factory=lambda: [-100.0, -30.0, -10.0, -1.0, 0.0, 3.0, 10.0, 30.0])
     frontier_top: int = 0                  # 0: every alive subcomponent
-    # §4-5 the edits: every method starts from the unedited model (best, random: from the frontier's m)
+    # §4-5 the edits: each from the unedited model (best, random: from the frontier's m), Adam, a grid on dev
     methods: list = field(default_factory=lambda: ["one", "top", "best", "best_act", "best_ci", "lora1_all"])
     budgets: list = field(default_factory=lambda: [2 ** i for i in range(11)])  # supervised tokens to remove
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     steps: int = 40                        # Adam steps per edit
     keep_batch: int = 8                    # windows of the keep language per step, for the KL, taken in turn
-    keep_windows: int = 128                # from a fixed set of training windows, their original logits cached
+    keep_windows: int = 128                # a fixed set of training windows, their original logits cached
     scalar_lrs: list = field(default_factory=lambda: [0.1, 0.3])   # m itself
     log_lrs: list = field(default_factory=lambda: [0.03, 0.1])     # u in m = sign · exp(u): moves by factors
     lora_lrs: list = field(default_factory=lambda: [3e-3, 1e-2])
     lambdas: list = field(default_factory=lambda: [0.1, 1.0, 10.0])
     eval_windows: int = 96                 # dev and test windows per language
-    max_damage: float = 0.1                # nats of keep-language CE an edit may cost (selection, tokens to chance)
+    max_damage: float = 0.1                # nats of keep-language CE an edit may cost (selection, to chance)
     chance_fraction: float = 0.95          # "at chance": this far from the base CE to ln(vocabulary)
     save_budget: int = 64                  # the budget whose seed-0 edits are saved
     decomposition_processes: int = 1       # processes the decomposition ran on (torchrun), for its cost
@@ -113,7 +112,8 @@ def chosen(keys: list, components: dict) -> dict:
     for i, key in enumerate(keys):
         path, _, c = key.rpartition(":")
         if path not in components:
-            raise KeyError(f"subcomponent {key!r}: {path!r} is not a decomposed matrix; decomposed: {list(components)}")
+            raise KeyError(f"subcomponent {key!r}: {path!r} is not a decomposed matrix; decomposed: "
+                           f"{list(components)}")
         C = components[path]["V"].shape[1]
         if not c.isdigit() or int(c) >= C:
             raise KeyError(f"subcomponent {key!r}: index must be an integer in [0, {C}) for {path}")
@@ -123,17 +123,18 @@ def chosen(keys: list, components: dict) -> dict:
 
 
 class Gate:
-    """Where an edit acts, one gate per subcomponent in `keys`: where |x · V[:, c]| exceeds its threshold ("act"),
-    or where its CI exceeds tau ("ci", the CI of an unedited run of the decomposition on the same input, which
-    `read` computes before every edited forward)."""
+    """Where an edit acts, one gate per subcomponent of `keys`: where |x · V[:, c]| exceeds its threshold
+    ("act"), or where its CI exceeds tau ("ci": the CI of an unedited run of the decomposition on the same
+    input, which `read` computes before each edited forward)."""
 
     def __init__(self, kind: str, keys: list, components: dict, thresholds: dict, dec=None, tau=0.5):
         self.kind, self.dec, self.tau, self.ci = kind, dec, tau, None
-        offsets = dict(zip(components, np.cumsum([0] + [c["V"].shape[1] for c in components.values()]).tolist()))
+        sizes = [c["V"].shape[1] for c in components.values()]
+        offsets = dict(zip(components, np.cumsum([0] + sizes).tolist()))
         self.where = {}  # path -> (V[:, cs] [d_in, k], thresholds [k], columns of the CI [k])
         for path, (ms, cs) in chosen(keys, components).items():
             V = components[path]["V"][:, cs]
-            theta = torch.tensor([thresholds[keys[i]] for i in ms], device=V.device) if kind == "act" else None
+            theta = torch.tensor([thresholds[keys[i]] for i in ms], device=V.device) if kind == "act" else 0
             self.where[path] = (V, theta, [offsets[path] + c for c in cs])
 
     @torch.no_grad()
@@ -148,14 +149,15 @@ class Gate:
 
 
 class ScalarEdit(nn.Module):
-    """A prefactor m_k per chosen subcomponent c_k: its matrix's output gets Σ_k (m_k - 1) g_k (x · V[:, c_k]) U[c_k, :].
-    init: the starting m (1: no change). log_scale: m = sign(init) exp(u), so that Adam moves m by factors and
-    reaches |m| of tens in a few steps (from m = 1 it sits on a ridge: the target was trained there)."""
+    """A prefactor m_k per chosen subcomponent c_k: its matrix's output gets Σ_k (m_k - 1) g_k (x · V[:, c_k])
+    U[c_k, :]. init: the starting m (1: no change). log_scale: m = sign(init) exp(u), so that Adam moves m by
+    factors and reaches |m| of tens in a few steps (from m = 1 it sits on a ridge: the target was trained
+    there)."""
 
     def __init__(self, components: dict, keys: list, init=1.0, gate: Gate = None, log_scale=False):
         super().__init__()
         self.keys, self.gate, self.log_scale = list(keys), gate, log_scale
-        init = torch.full((len(self.keys),), float(init))
+        init = torch.full((len(self.keys),), float(init), device=next(iter(components.values()))["V"].device)
         self.sign = torch.where(init < 0, -1.0, 1.0)
         self.u = nn.Parameter(init.abs().clamp(min=1e-2).log() if log_scale else init)
         # path -> (positions in m, V[:, cs] [d_in, k], U[cs] [k, d_out]): sliced once, only u is trained
@@ -163,7 +165,7 @@ class ScalarEdit(nn.Module):
                       for path, (ms, cs) in chosen(self.keys, components).items()}
 
     def m(self):
-        return self.sign.to(self.u.device) * self.u.exp() if self.log_scale else self.u
+        return self.sign * self.u.exp() if self.log_scale else self.u
 
     def factors(self) -> dict:  # path -> (P [d_in, k], Q [k, d_out]): the edit adds ((x P) ⊙ g) Q
         m = self.m()
@@ -174,15 +176,16 @@ class ScalarEdit(nn.Module):
 
 
 class LoRA(nn.Module):
-    """W' = W + (A B)^T per matrix, A [d_in, r] random, B [r, d_out] zero: no change until B moves. With a gate (of one
-    subcomponent of its one matrix), the update acts only where that gate is on."""
+    """W' = W + (A B)^T per matrix, A [d_in, r] random, B [r, d_out] zero: no change until B moves. With a
+    gate (of one subcomponent of its one matrix), the update acts only where that gate is on."""
 
     def __init__(self, model: nn.Module, paths: list, rank: int, seed: int, gate: Gate = None):
         super().__init__()
         g, self.paths, self.gate = torch.Generator().manual_seed(seed), list(paths), gate
         shapes = [vpd.weight_of(model.get_submodule(p)).shape for p in self.paths]  # [d_out, d_in]
         device = next(model.parameters()).device
-        self.A = nn.ParameterList((torch.randn(d_in, rank, generator=g) / math.sqrt(d_in)).to(device) for _, d_in in shapes)
+        self.A = nn.ParameterList((torch.randn(d_in, rank, generator=g) / math.sqrt(d_in)).to(device)
+                                  for _, d_in in shapes)
         self.B = nn.ParameterList(torch.zeros(rank, d_out, device=device) for d_out, _ in shapes)
 
     def factors(self) -> dict:
@@ -200,7 +203,7 @@ def applied(edit: nn.Module, model: nn.Module):
         return out + (h if gate is None else h * gate(path, inputs[0])) @ Q
     hooks = [model.get_submodule(path).register_forward_hook(partial(hook, path, P, Q))
              for path, (P, Q) in edit.factors().items()]
-    if gate is not None and gate.kind == "ci":  # the CI of each input, from the decomposition, before the edited forward
+    if gate is not None and gate.kind == "ci":  # the decomposition's CI of each input, before its forward
         hooks.append(model.register_forward_pre_hook(lambda module, args: gate.read(args[0])))
     try:
         yield model
@@ -210,8 +213,8 @@ def applied(edit: nn.Module, model: nn.Module):
 
 
 class ActivationGated(nn.Module):
-    """A matrix with an activation-gated edit written in: linear(x) + ((x P) ⊙ 1[|x R| > θ]) Q. Plain tensors: it
-    needs no decomposition to run, save or load."""
+    """A matrix with an activation-gated edit written in: linear(x) + ((x P) ⊙ 1[|x R| > θ]) Q. Plain tensors:
+    it needs no decomposition to run, save or load."""
 
     def __init__(self, linear: nn.Module, P, Q, R, theta):
         super().__init__()
@@ -226,9 +229,10 @@ class ActivationGated(nn.Module):
 @torch.no_grad()
 def bake(edit: nn.Module, model: nn.Module) -> nn.Module:
     """An ordinary copy of the model with the edit written in: into the weights, W' = W + (P Q)^T, or for an
-    activation gate as ActivationGated modules. A CI gate runs the decomposition at inference: it cannot be baked."""
+    activation gate as ActivationGated modules. A CI gate runs the decomposition at inference: no bake."""
     if edit.gate is not None and edit.gate.kind == "ci":
-        raise ValueError("a CI-gated edit runs the decomposition's CI function at inference: it cannot be baked")
+        raise ValueError("a CI-gated edit runs the decomposition's CI function at inference: it cannot be "
+                         "baked")
     baked = copy.deepcopy(model)
     for path, (P, Q) in edit.factors().items():
         module = baked.get_submodule(path)
@@ -241,13 +245,15 @@ def bake(edit: nn.Module, model: nn.Module) -> nn.Module:
 
 
 def save_edited(path: str, baked: nn.Module):
-    """A plain state dict; with activation gates, {"model": the target's state dict, "gates": {path: tensors}}."""
+    """A plain state dict; with activation gates, {"model": the target's state dict, "gates": {path:
+    tensors}}."""
     gated = {n: m for n, m in baked.named_modules() if isinstance(m, ActivationGated)}
     state = baked.state_dict()
     for name in gated:  # the target's own keys, the gates apart
-        state = {k.replace(f"{name}.linear.", f"{name}."): v for k, v in state.items() if k.rpartition(".")[0] != name}
-    vpd.save_checkpoint(path, {"model": state, "gates": {n: dict(m.named_buffers()) for n, m in gated.items()}}
-                        if gated else state)
+        state = {k.replace(f"{name}.linear.", f"{name}."): v for k, v in state.items()
+                 if k.rpartition(".")[0] != name}
+    gates = {n: dict(m.named_buffers()) for n, m in gated.items()}
+    vpd.save_checkpoint(path, {"model": state, "gates": gates} if gated else state)
 
 
 def load_edited(path: str, tcfg: models.TargetConfig) -> nn.Module:
@@ -262,59 +268,14 @@ def load_edited(path: str, tcfg: models.TargetConfig) -> nn.Module:
 # -----------------------------------------------------------------------------
 # §2 What each subcomponent does, per language
 
-SPLITS = ("val", "dev", "test", "train")
-
-
-def load_language(cfg: EditConfig, lang: str) -> dict:
-    """{split: token ids [N]} of one language: the {split}_{lang}.bin files in cfg.data, or for a language
-    of cfg.sources a Hugging Face dataset streamed in order, its first split_tokens tokens the val split,
-    the next dev, then test, then train (rows with `input_ids` as they are, `text` through the tokenizer)."""
-    if lang not in cfg.sources:
-        paths = {s: os.path.join(cfg.data, f"{s}_{lang}.bin") for s in SPLITS}
-        for path in paths.values():
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} is missing: edit.py reads one token file per split and language "
-                                        "({val,dev,test,train}_<lang>.bin), as data/fortunes/prepare.py writes them, "
-                                        "or streams a language named in `sources`")
-        return {s: torch.from_numpy(np.fromfile(p, dtype=np.uint16).astype(np.int64)) for s, p in paths.items()}
-    import datasets
-    name, _, subset = cfg.sources[lang].partition(":")
-    rows = datasets.load_dataset(name, subset or None, split="train", streaming=True)
-    tokenizer = None
-    ids, need = [], cfg.split_tokens * len(SPLITS)
-    for row in rows:
-        if "input_ids" in row:
-            ids += row["input_ids"]
-        else:
-            if tokenizer is None:
-                from transformers import AutoTokenizer
-                tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer.removeprefix("hf:"))
-            ids += tokenizer(row["text"])["input_ids"] + [tokenizer.eos_token_id]  # documents end with <eos>
-        if len(ids) >= need:
-            break
-    if len(ids) < need:
-        raise ValueError(f"{cfg.sources[lang]} holds {len(ids):,} tokens, fewer than 4 splits x split_tokens={cfg.split_tokens:,}")
-    return dict(zip(SPLITS, torch.tensor(ids[:need]).split(cfg.split_tokens)))
-
-
-def windows(tokens: torch.Tensor, n: int, T: int, generator=None) -> torch.Tensor:
-    """n windows [n, T + 1] of a token stream (inputs, then the labels one further): evenly spaced over
-    the stream, or at random places when a generator is given."""
-    if len(tokens) < T + 1:
-        raise ValueError(f"a token file of {len(tokens)} tokens holds no window of {T + 1}")
-    starts = (torch.randint(len(tokens) - T, (n,), generator=generator) if generator is not None
-              else torch.linspace(0, len(tokens) - T - 1, n).long())
-    return tokens[starts[:, None] + torch.arange(T + 1)]
-
-
 @torch.no_grad()
 def ci_and_activations(dec, w, columns=None, batch=32):
-    """CI and |x · V[:, c]| of the subcomponents (all, or the given columns of ΣC) at every position of windows
-    w [N, T + 1], chunk by chunk: pairs of [B, T, k]."""
+    """CI and |x · V[:, c]| of the subcomponents (all, or the given columns of ΣC) at every position of
+    windows w [N, T + 1], chunk by chunk: pairs of [B, T, k]."""
     for chunk in w.split(batch):
         dec(chunk[:, :-1])
         ci = dec.causal_importance()[0]
-        acts = torch.cat([c.input @ c.V for c in dec.comps.values()], -1).abs()
+        acts = torch.cat([comp.input @ comp.V for comp in dec.comps.values()], -1).abs()
         yield (ci, acts) if columns is None else (ci[..., columns], acts[..., columns])
 
 
@@ -322,20 +283,22 @@ def component_stats(dec, texts: dict, fire_threshold: float):
     """Per language: mean CI per position and firing frequency of every subcomponent, each [L, ΣC]."""
     mean, freq = [], []
     for w in texts.values():
-        stats = [(ci.flatten(0, -2).sum(0), (ci > fire_threshold).flatten(0, -2).sum(0)) for ci, _ in ci_and_activations(dec, w)]
+        stats = [(ci.flatten(0, -2).sum(0), (ci > fire_threshold).flatten(0, -2).sum(0))
+                 for ci, _ in ci_and_activations(dec, w)]
         mean.append(sum(s for s, _ in stats) / w[:, :-1].numel())
         freq.append(sum(f for _, f in stats) / w[:, :-1].numel())
     return torch.stack(mean), torch.stack(freq)
 
 
 def activation_thresholds(dec, w, quantile: float) -> torch.Tensor:
-    """The `quantile` of |x · V[:, c]| over every position of windows w, per subcomponent [ΣC]: a running top-k of
-    the largest values, so that memory grows with ΣC·k, not with ΣC·positions."""
-    k, top = max(1, math.ceil((1 - quantile) * w[:, :-1].numel())), None
+    """The `quantile` of |x · V[:, c]| over every position of windows w, per subcomponent [ΣC] (a running
+    top-k of the largest values: memory ΣC·k, not ΣC·positions), set 1e-4 below that attained value: a gate
+    computed by another matmul, with other rounding, must not flip where a position has exactly that value."""
+    k, top = max(1, round((1 - quantile) * w[:, :-1].numel())), None
     for _, acts in ci_and_activations(dec, w):
         acts = acts.flatten(0, -2) if top is None else torch.cat([top, acts.flatten(0, -2)])
         top = acts.topk(min(k, len(acts)), 0).values
-    return top[-1]
+    return top[-1] * (1 - 1e-4)
 
 
 def labels_of(mean, freq, languages: list, cfg: EditConfig) -> list:
@@ -374,23 +337,14 @@ def top_contexts(dec, texts: dict, indices: list, decode, n: int, width=20) -> d
     return found
 
 
-def token_decoder(cfg: EditConfig, vocab_size: int):
-    if cfg.tokenizer == "gpt2":  # the truncated GPT-2 BPE that data/fortunes/prepare.py tokenized with
-        where = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "fortunes", "prepare.py")
-        spec = importlib.util.spec_from_file_location("fortunes_prepare", where)
-        prepare = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(prepare)
-        enc = prepare.gpt2_encoding(vocab_size)
-        return lambda ids: enc.decode(ids).replace("\n", "⏎").replace("\t", "⇥")
-    if cfg.tokenizer.startswith("hf:"):
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer[3:])
-        return lambda ids: tok.decode(ids).replace("\n", "⏎").replace("\t", "⇥")
-    return lambda ids: " ".join(map(str, ids))
-
-
 # -----------------------------------------------------------------------------
 # §3 The causal frontier: what one subcomponent's scalar does, for every candidate, gate and m
+
+def window_ce(model, w):
+    """Next-token cross-entropy of each window w [N, T + 1], summed over its positions: [N]."""
+    logits = vpd.output_logits(model(w[:, :-1])).float()
+    return F.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="none").sum(1)
+
 
 @torch.no_grad()
 def ce_by_language(model, texts: dict, edit=None, batch=32) -> dict:
@@ -398,27 +352,28 @@ def ce_by_language(model, texts: dict, edit=None, batch=32) -> dict:
     out = {}
     with applied(edit, model) if edit is not None else nullcontext():
         for lang, w in texts.items():
-            total = sum(F.cross_entropy(vpd.output_logits(model(c[:, :-1])).float().flatten(0, 1), c[:, 1:].flatten(),
-                                        reduction="sum").item() for c in w.split(batch))
+            total = sum(window_ce(model, c).sum().item() for c in w.split(batch))
             out[lang] = total / w[:, 1:].numel()
     return out
 
 
 @torch.no_grad()
-def frontier(model, dec, components, keys: list, texts: dict, grid: list, thresholds: dict, tau: float, batch=64):
-    """CE change per language when one subcomponent's scalar alone is set to each m of the grid, for every key and
-    gate: {form: {key: {lang: [ΔCE per m]}}}. One edited window per row, many (subcomponent, m) pairs per batch. A
-    window where a gate is never on is the unedited one, so only the others run: a gated edit costs less."""
-    flat = {f"{n}:{c}": i for i, (n, c) in enumerate((n, c) for n, comp in components.items() for c in range(comp["V"].shape[1]))}
+def frontier(model, dec, components, keys: list, texts: dict, grid: list, thresholds: dict, tau: float,
+             batch=64):
+    """The CE change per language when one subcomponent's scalar alone is set to each m of the grid, for every
+    key and gate: {form: {key: {lang: [ΔCE per m]}}}. One edited window per row, many (subcomponent, m) pairs
+    per batch. A window where the gate is never on is the unedited one, so only the others run."""
+    flat = {f"{n}:{c}": i for i, (n, c) in enumerate((n, c) for n, comp in components.items()
+                                                    for c in range(comp["V"].shape[1]))}
     theta = torch.tensor([thresholds[k] for k in keys])
     out = {form: {k: {} for k in keys} for form in FORMS}
     bar = tqdm(total=len(texts) * len(keys) * len(FORMS), desc="frontier", unit="screen", dynamic_ncols=True)
     for lang, w in texts.items():
-        x, y = w[:, :-1], w[:, 1:]
-        base = torch.cat([F.cross_entropy(vpd.output_logits(model(c)).float().transpose(1, 2), l, reduction="none").sum(1)
-                          for c, l in zip(x.split(batch), y.split(batch))])            # [N] CE summed per window
-        ci, acts = (torch.cat(t) for t in zip(*ci_and_activations(dec, w, [flat[k] for k in keys])))  # [N, T, K]
-        gates = {"plain": torch.ones_like(ci), "ci": (ci > tau).float(), "act": (acts > theta.to(acts.device)).float()}
+        base = torch.cat([window_ce(model, chunk) for chunk in w.split(batch)])            # [N]
+        pairs = list(ci_and_activations(dec, w, [flat[k] for k in keys]))
+        ci, acts = torch.cat([c for c, _ in pairs]), torch.cat([a for _, a in pairs])           # [N, T, K]
+        gates = {"plain": torch.ones_like(ci), "ci": (ci > tau).float(),
+                 "act": (acts > theta.to(acts.device)).float()}
         for path, (ms, cs) in chosen(keys, components).items():
             V, U = components[path]["V"][:, cs].T, components[path]["U"][cs]         # [k, d_in], [k, d_out]
             for form in FORMS:
@@ -428,33 +383,39 @@ def frontier(model, dec, components, keys: list, texts: dict, grid: list, thresh
                 diff = torch.zeros(len(cs), len(grid))
                 for chunk in torch.tensor(rows, dtype=torch.long).split(batch) if rows else []:
                     j, i, m = chunk.T
-                    coef = (torch.tensor(grid)[m] - 1).to(x.device)[:, None] * g[i, :, j]  # [R, T]
-                    hook = model.get_submodule(path).register_forward_hook(
-                        lambda mod, inp, o: o + (coef * torch.einsum("rtd,rd->rt", inp[0], V[j]))[..., None] * U[j][:, None])
+                    coef = (torch.tensor(grid)[m] - 1).to(w.device)[:, None] * g[i, :, j]  # [R, T]
+
+                    def edited(module, inputs, out):  # row r: its subcomponent's scalar, gate and m
+                        h = torch.einsum("rtd,rd->rt", inputs[0], V[j])
+                        return out + (coef * h)[..., None] * U[j][:, None]
+                    hook = model.get_submodule(path).register_forward_hook(edited)
                     try:
-                        logits = vpd.output_logits(model(x[i])).float()
+                        ce = window_ce(model, w[i])
                     finally:
                         hook.remove()
-                    ce = F.cross_entropy(logits.transpose(1, 2), y[i], reduction="none").sum(1)
                     diff.index_put_((j.cpu(), m.cpu()), (ce - base[i]).cpu(), accumulate=True)
                 for j, key in enumerate(keys[k] for k in ms):
-                    out[form][key][lang] = (diff[j] / y.numel()).tolist()
+                    out[form][key][lang] = (diff[j] / w[:, 1:].numel()).tolist()
                 bar.update(len(cs))
     bar.close()
     return out
 
 
 def best_point(de: list, en: list, gap: float, max_damage: float) -> int:
-    """The grid point that moves the language to remove furthest towards chance (gap nats away) within max_damage on
-    the keep language, ties to the least damage; with none within max_damage, the least damage."""
+    """The grid point that moves the language to remove furthest towards chance (gap nats away) within
+    max_damage on the keep language, ties to the least damage; with none within max_damage, the least
+    damage."""
     ok = [i for i in range(len(de)) if en[i] <= max_damage]
-    return max(ok, key=lambda i: (min(de[i], gap), -en[i])) if ok else min(range(len(de)), key=lambda i: en[i])
+    if not ok:
+        return min(range(len(de)), key=lambda i: en[i])
+    return max(ok, key=lambda i: (min(de[i], gap), -en[i]))
 
 
 # -----------------------------------------------------------------------------
 # §4 The edit objective and its training
 
-def edit_objective(logits_remove, labels_remove, logits_keep, logits_keep_original, lam: float, chance: float):
+def edit_objective(logits_remove, labels_remove, logits_keep, logits_keep_original, lam: float,
+                   chance: float):
     """relu(chance - CE on the language to remove) + λ KL(original || edited) on the language to keep:
     German is pushed towards the uniform distribution's CE, ln(vocabulary), and never rewarded beyond it."""
     ce = F.cross_entropy(logits_remove.float().flatten(0, -2), labels_remove.flatten(), ignore_index=-1)
@@ -465,7 +426,7 @@ def edit_objective(logits_remove, labels_remove, logits_keep, logits_keep_origin
 def budget_batch(tokens: torch.Tensor, n: int, T: int, seed: int, device="cpu"):
     """ceil(n / T) random windows of the language to remove, labelled on exactly n positions (the last
     ones, which see the most context); the other labels are -1. Returns (x [k, T], y [k, T])."""
-    w = windows(tokens, -(-n // T), T, torch.Generator().manual_seed(seed))
+    w = models.windows(tokens, -(-n // T), T, torch.Generator().manual_seed(seed))
     x, y = w[:, :-1], w[:, 1:].clone()
     y.view(-1)[:y.numel() - n] = -1
     return x.to(device), y.to(device)
@@ -480,7 +441,8 @@ def train_edit(model, edit, x_remove, y_remove, keep, lr, lam, chance, cfg: Edit
         i = torch.arange(step * cfg.keep_batch, (step + 1) * cfg.keep_batch) % len(keep_x)
         with applied(edit, model):
             logits = vpd.output_logits(model(torch.cat([x_remove, keep_x[i]])))  # one forward, both languages
-        loss, _, _ = edit_objective(logits[:len(x_remove)], y_remove, logits[len(x_remove):], keep_logits[i], lam, chance)
+        loss, _, _ = edit_objective(logits[:len(x_remove)], y_remove, logits[len(x_remove):], keep_logits[i],
+                                    lam, chance)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -496,34 +458,36 @@ def flops_of(fn) -> int:
 # -----------------------------------------------------------------------------
 # §5 The sweep
 
-def resumable(path: str, inputs: dict, compute, what: str):
-    """The JSON file at `path` when it was computed from the same inputs, else compute() written there atomically;
-    never another run's (a sweep of other inputs must not mix its results with these)."""
-    if os.path.exists(path):
-        saved = json.load(open(path))
-        if saved.get("inputs") != inputs:
-            changed = sorted(k for k in {*saved.get("inputs", {}), *inputs} if saved.get("inputs", {}).get(k) != inputs.get(k))
-            raise ValueError(f"{os.path.dirname(path)} holds a sweep of other inputs (differing: {changed}): give another "
-                             f"out_dir, or delete its {what} to start afresh")
-        return saved
-    saved = {**compute(), "inputs": inputs}
-    with open(path + ".tmp", "w") as f:
-        json.dump(saved, f, indent=1)
-    os.replace(path + ".tmp", path)
+def resumable(path: str, inputs: dict, compute) -> dict:
+    """The JSON file at `path` when it was computed from the same inputs, else compute() written there
+    atomically; never another run's (a sweep of other inputs must not mix its results with these)."""
+    if not os.path.exists(path):
+        with open(path + ".tmp", "w") as f:
+            json.dump({**compute(), "inputs": inputs}, f, indent=1)
+        os.replace(path + ".tmp", path)
+    saved = json.load(open(path))
+    if saved.get("inputs") != inputs:
+        old = saved.get("inputs", {})
+        changed = sorted(k for k in {*old, *inputs} if old.get(k) != inputs.get(k))
+        raise ValueError(f"{os.path.dirname(path)} holds a sweep of other inputs (differing: {changed}): "
+                         f"give another out_dir, or delete its {os.path.basename(path)} to start afresh")
     return saved
 
 
 class Editing:
     """Everything the sweep needs, loaded once: the target, its components, the texts of every split and
-    language and the base CE; then the analysis (labels, ranking, gates' thresholds) and the frontier."""
+    language and the base CE; then the analysis (labels, ranking, the gates' thresholds), the frontier and the
+    cells."""
 
     def __init__(self, cfg: EditConfig):
         if cfg.device == "auto":
             cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.cfg = cfg
-        self.target, self.dec, self.components, self.tcfg, self.vcfg = vpd.load_decomposition(cfg.ckpt, cfg.device)
+        loaded = vpd.load_decomposition(cfg.ckpt, cfg.device)
+        self.target, self.dec, self.components, self.tcfg, self.vcfg = loaded
         if self.tcfg.model != "llama_simple_mlp" and not self.tcfg.model.startswith("hf:"):
-            raise ValueError(f"{cfg.ckpt} decomposes a {self.tcfg.model!r} model; edit.py edits a language model")
+            raise ValueError(f"{cfg.ckpt} decomposes a {self.tcfg.model!r} model; edit.py edits a language "
+                             "model")
         for lang in (cfg.remove, cfg.keep):
             if lang not in cfg.languages:
                 raise ValueError(f"{lang!r} must be one of languages={cfg.languages}")
@@ -531,26 +495,31 @@ class Editing:
         self.chance = math.log(self.vocab)  # the uniform distribution's CE
         self.keys = [f"{n}:{c}" for n, comp in self.components.items() for c in range(comp["V"].shape[1])]
         T, device = cfg.seq_len, cfg.device
-        text = {lang: load_language(cfg, lang) for lang in cfg.languages}
+        text = {lang: models.language_splits(lang, cfg.data, cfg.sources, cfg.tokenizer, cfg.split_tokens)
+                for lang in cfg.languages}
         for lang, splits in text.items():
             if max(t.max().item() for t in splits.values()) >= self.vocab:
-                raise ValueError(f"{lang} text holds token ids beyond the model's vocabulary of {self.vocab}: "
-                                 "it was tokenized for another model")
+                raise ValueError(f"{lang} text holds token ids beyond the model's vocabulary of "
+                                 f"{self.vocab}: it was tokenized for another model")
         self.train = text[cfg.remove]["train"]
-        keep = windows(text[cfg.keep]["train"], cfg.keep_windows, T, torch.Generator().manual_seed(0))[:, :-1].to(device)
+        keep = models.windows(text[cfg.keep]["train"], cfg.keep_windows, T, torch.Generator().manual_seed(0))
         with torch.no_grad():
-            self.keep = (keep, vpd.output_logits(self.target(keep)))    # what the KL holds the edits to
-        self.val = {lang: windows(text[lang]["val"], cfg.analysis_windows, T).to(device) for lang in cfg.languages}
+            self.keep = (keep[:, :-1].to(device), vpd.output_logits(self.target(keep[:, :-1].to(device))))
+        def sample(split, n, langs):
+            return {lang: models.windows(text[lang][split], n, T).to(device) for lang in langs}
         pair = (cfg.remove, cfg.keep)
-        self.screen = {lang: windows(text[lang]["dev"], cfg.frontier_windows, T).to(device) for lang in pair}
-        self.dev = {lang: windows(text[lang]["dev"], cfg.eval_windows, T).to(device) for lang in pair}
-        self.test = {lang: windows(text[lang]["test"], cfg.eval_windows, T).to(device) for lang in cfg.languages}
-        self.base_dev, self.base_test = ce_by_language(self.target, self.dev), ce_by_language(self.target, self.test)
+        self.val = sample("val", cfg.analysis_windows, cfg.languages)
+        self.test = sample("test", cfg.eval_windows, cfg.languages)
+        self.dev = sample("dev", cfg.eval_windows, pair)
+        self.screen = sample("dev", cfg.frontier_windows, pair)   # the frontier's windows
+        self.base_dev = ce_by_language(self.target, self.dev)
+        self.base_test = ce_by_language(self.target, self.test)
 
     def inputs(self) -> dict:
         """What the analysis and every cell depend on: the decomposition (a checksum of V, whatever its path)
         and the settings, but not the methods, budgets and seeds, which a resumed sweep may extend."""
-        extendable = {"ckpt", "out_dir", "device", "methods", "budgets", "seeds", "save_budget", "decomposition_processes"}
+        extendable = {"ckpt", "out_dir", "device", "methods", "budgets", "seeds", "save_budget",
+                      "decomposition_processes"}
         return {**{k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in extendable},
                 "V_checksum": sum(c["V"].cpu().double().sum().item() for c in self.components.values())}
 
@@ -559,24 +528,25 @@ class Editing:
         cfg = self.cfg
         mean, freq = component_stats(self.dec, self.val, cfg.fire_threshold)
         labels = labels_of(mean, freq, cfg.languages, cfg)
-        L = cfg.languages.index
-        score = mean[L(cfg.remove)] - mean[L(cfg.keep)]
+        score = mean[cfg.languages.index(cfg.remove)] - mean[cfg.languages.index(cfg.keep)]
         order = score.argsort(descending=True).tolist()
         top = order[:cfg.top_k]
         contexts = top_contexts(self.dec, self.val, top, decode, cfg.n_contexts)
-        ranked = [{"key": self.keys[i], "label": labels[i], "score": score[i].item(),
+        ranked = [{"key": self.keys[i], "label": labels[i], "score": score[i].item(), "contexts": contexts[i],
                    "mean_ci": dict(zip(cfg.languages, mean[:, i].tolist())),
-                   "freq": dict(zip(cfg.languages, freq[:, i].tolist())), "contexts": contexts[i]} for i in top]
+                   "freq": dict(zip(cfg.languages, freq[:, i].tolist()))} for i in top]
         only = [r["key"] for r in ranked if r["label"] == f"{cfg.remove}-only"]
         alive = [self.keys[i] for i in order if mean[:, i].mean() > self.vcfg.alive_threshold]  # by rank
         thresholds = activation_thresholds(self.dec, self.val[cfg.keep], cfg.act_quantile).tolist()
-        return {"ckpt": cfg.ckpt, "labels": dict(zip(self.keys, labels)), "rank": {self.keys[i]: r + 1 for r, i in enumerate(order)},
-                "ranked": ranked, "chosen": only[0] if only else ranked[0]["key"], "chosen_is_only": bool(only),
-                "alive": alive, "alive_others": [k for k in alive if k not in {r["key"] for r in ranked}],
+        return {"ckpt": cfg.ckpt, "labels": dict(zip(self.keys, labels)), "ranked": ranked,
+                "rank": {self.keys[i]: r + 1 for r, i in enumerate(order)},
+                "chosen": only[0] if only else ranked[0]["key"], "chosen_is_only": bool(only), "alive": alive,
+                "alive_others": [k for k in alive if k not in {r["key"] for r in ranked}],
                 "thresholds": dict(zip(self.keys, thresholds))}
 
     def frontier(self, analysis: dict) -> dict:
-        """The frontier on the dev split's screen windows, each (subcomponent, gate) at its best m (best_point)."""
+        """The frontier on the dev split's screen windows: each (subcomponent, gate) at its best m
+        (best_point), and the best per gate."""
         cfg, t0 = self.cfg, time.perf_counter()
         keys = analysis["alive"][:cfg.frontier_top or None]
         keys += [analysis["chosen"]] * (analysis["chosen"] not in keys)  # Goodfire's pick, to compare with
@@ -589,31 +559,37 @@ class Editing:
             for key in keys:
                 de, en = raw[form][key][cfg.remove], raw[form][key][cfg.keep]
                 i = best_point(de, en, gap, cfg.max_damage)
-                entry = {"key": key, "form": form, "label": analysis["labels"][key], "rank": analysis["rank"][key],
-                         "m": cfg.frontier_grid[i], "remove": de[i], "keep": en[i], "grid": {"remove": de, "keep": en}}
-                entries.append(entry)
-                if form not in best or best_point([best[form]["remove"], de[i]], [best[form]["keep"], en[i]], gap,
-                                                  cfg.max_damage) == 1:
-                    best[form] = entry
+                entries.append({"key": key, "form": form, "label": analysis["labels"][key],
+                                "rank": analysis["rank"][key], "m": cfg.frontier_grid[i], "remove": de[i],
+                                "keep": en[i], "grid": {"remove": de, "keep": en}})
+                old = best.get(form, entries[-1])
+                best[form] = entries[-1] if best_point([old["remove"], de[i]], [old["keep"], en[i]], gap,
+                                                       cfg.max_damage) == 1 else old
         return {"grid": cfg.frontier_grid, "base": base, "gap": gap, "windows": cfg.frontier_windows,
                 "remove_tokens": self.screen[cfg.remove][:, 1:].numel(), "candidates": len(keys),
-                "seconds": time.perf_counter() - t0, "best": best, "goodfire_pick": analysis["chosen"], "entries": entries}
+                "seconds": time.perf_counter() - t0, "best": best, "goodfire_pick": analysis["chosen"],
+                "entries": entries}
 
     def edit_for(self, method: str, analysis: dict, front: dict, seed: int) -> nn.Module:
         handles, rank, scope, form = METHOD.fullmatch(method).groups()
         best = front["best"][form or "plain"]
 
         def gate(keys):
-            return form and Gate(form, keys, self.components, analysis["thresholds"], self.dec, self.cfg.ci_tau)
+            return form and Gate(form, keys, self.components, analysis["thresholds"], self.dec,
+                                 self.cfg.ci_tau)
         if rank:
             if scope == "all" and form:
-                raise ValueError(f"method {method!r}: a gate belongs to one subcomponent, so to lora<r>_matrix only")
+                raise ValueError(f"method {method!r}: a gate belongs to one subcomponent, so to "
+                                 "lora<r>_matrix only")
             key = best["key"] if form else analysis["chosen"]
             paths = list(self.components) if scope == "all" else [key.rpartition(":")[0]]
             return LoRA(self.target, paths, int(rank), seed, gate([key]))
         if handles in ("best", "random"):  # random: one alive subcomponent outside the ranked ones per seed
             pool = analysis["alive_others"]
-            key = best["key"] if handles == "best" else pool[torch.randint(len(pool), (1,), generator=torch.Generator().manual_seed(seed)).item()]
+            if handles == "random" and not pool:
+                raise ValueError(f"method {method!r}: no alive subcomponent outside the top {self.cfg.top_k}")
+            key = best["key"] if handles == "best" else pool[torch.randint(
+                len(pool), (1,), generator=torch.Generator().manual_seed(seed)).item()]
             return ScalarEdit(self.components, [key], init=best["m"], gate=gate([key]), log_scale=True)
         if handles == "only":  # the decomposition's German parts together
             keys = [k for k, label in analysis["labels"].items() if label == f"{self.cfg.remove}-only"]
@@ -624,65 +600,72 @@ class Editing:
         return ScalarEdit(self.components, keys, gate=gate(keys))
 
     def cell(self, method: str, n: int, seed: int, analysis: dict, front: dict) -> dict:
-        """One method at one budget and seed: every grid point trained on the same n tokens, the one chosen
-        on dev (most CE on the language to remove with at most max_damage on the keep language), then tested."""
+        """One method at one budget and seed: every grid point trained on the same n tokens, the one chosen on
+        dev (most CE on the language to remove within max_damage on the keep language), then tested."""
         cfg, t0 = self.cfg, time.perf_counter()
         x, y = budget_batch(self.train, n, cfg.seq_len, seed, cfg.device)
         handles, rank = METHOD.fullmatch(method).group(1, 2)
-        lrs = cfg.lora_lrs if rank else cfg.log_lrs if handles in ("best", "random") else cfg.scalar_lrs
         grid = []
-        for lr in lrs:
+        for lr in cfg.lora_lrs if rank else cfg.log_lrs if handles in ("best", "random") else cfg.scalar_lrs:
             for lam in cfg.lambdas:
-                edit = train_edit(self.target, self.edit_for(method, analysis, front, seed), x, y, self.keep, lr, lam,
-                                  self.chance, cfg)
-                grid.append({"lr": lr, "lam": lam, "dev": ce_by_language(self.target, self.dev, edit), "edit": edit})
+                edit = self.edit_for(method, analysis, front, seed)
+                train_edit(self.target, edit, x, y, self.keep, lr, lam, self.chance, cfg)
+                dev = ce_by_language(self.target, self.dev, edit)
+                grid.append({"lr": lr, "lam": lam, "dev": dev, "edit": edit})
         damage = lambda g: g["dev"][cfg.keep] - self.base_dev[cfg.keep]
         ok = [g for g in grid if damage(g) <= cfg.max_damage] or [min(grid, key=damage)]
         best = max(ok, key=lambda g: (min(g["dev"][cfg.remove], self.chance), -damage(g)))
         test = ce_by_language(self.target, self.test, best["edit"])
         row = {"method": method, "n": n, "seed": seed, "lr": best["lr"], "lam": best["lam"], "test": test,
                "damage": test[cfg.keep] - self.base_test[cfg.keep],
-               "progress": (test[cfg.remove] - self.base_test[cfg.remove]) / (self.chance - self.base_test[cfg.remove]),
-               "dev_grid": [{k: g[k] for k in ("lr", "lam", "dev")} for g in grid], "seconds": time.perf_counter() - t0}
+               "progress": (test[cfg.remove] - self.base_test[cfg.remove])
+                           / (self.chance - self.base_test[cfg.remove]),
+               "dev_grid": [{k: g[k] for k in ("lr", "lam", "dev")} for g in grid],
+               "seconds": time.perf_counter() - t0}
         if isinstance(best["edit"], ScalarEdit):
             row["prefactors"] = best["edit"].prefactors()
-        if n == cfg.save_budget and seed == 0 and "_ci" not in method:  # CI-gated edits run only beside the decomposition
+        if n == cfg.save_budget and seed == 0 and "_ci" not in method:  # a CI gate needs the decomposition
             save_edited(os.path.join(cfg.out_dir, f"edited_{method}.pt"), bake(best["edit"], self.target))
         return row
 
     def costs(self, analysis: dict, front: dict) -> dict:
-        """German tokens and FLOPs: the decomposition (its training steps), its analysis and frontier, one edit; and per
-        method its trained parameters and inference FLOPs per token relative to the target's (as deployed: baked where
-        it can be, a CI gate with the decomposition's CI function beside it)."""
+        """Tokens of the language to remove and FLOPs: of the decomposition (its training), its analysis and
+        frontier, one edit; per method the parameters trained and the inference FLOPs per token over the
+        target's, as deployed (baked where it can be; a CI gate with the decomposition's CI function beside
+        it)."""
         cfg, vcfg = self.cfg, self.vcfg
         meta = os.path.join(self.tcfg.dataset, "meta.json")  # the decomposition's data, not the edit's text
         share = json.load(open(meta)).get("train_share", {}).get(cfg.remove) if os.path.exists(meta) else None
         dec_tokens = vcfg.steps * vcfg.batch_size * cfg.decomposition_processes * self.tcfg.seq_len
-        x = self.val[cfg.remove][:vcfg.batch_size, :-1]                  # one process's batch, or what there is
+        x = self.val[cfg.remove][:vcfg.batch_size, :-1]            # one process's batch, or what there is
         with torch.enable_grad():  # vpd's own count: the four losses, the adversary's steps, the backward
             dec_step = vpd.measure_step(self.dec, vcfg, x)[1]
         xr, yr = budget_batch(self.train, cfg.save_budget, cfg.seq_len, 0, cfg.device)
-        one = dataclasses.replace(cfg, steps=1)
+        grid = len(cfg.scalar_lrs) * len(cfg.lambdas)
+        one_step = dataclasses.replace(cfg, steps=1)
         edit_step = flops_of(lambda: train_edit(self.target, self.edit_for("one", analysis, front, 0), xr, yr,
-                                                self.keep, 0.1, 1.0, self.chance, one))
-        probe, target_flops, methods = self.test[cfg.keep][:2, :-1], None, {}
+                                                self.keep, 0.1, 1.0, self.chance, one_step))
+        probe, methods = self.test[cfg.keep][:2, :-1], {}
         with torch.no_grad():
             target_flops = flops_of(lambda: self.target(probe))
             for method in cfg.methods:
                 edit = self.edit_for(method, analysis, front, 0)
-                deployed = applied(edit, self.target) if "_ci" in method else nullcontext(bake(edit, self.target))
+                ci_gated = "_ci" in method
+                deployed = applied(edit, self.target) if ci_gated else nullcontext(bake(edit, self.target))
                 with deployed as model:
                     methods[method] = {"parameters": sum(p.numel() for p in edit.parameters()),
                                        "inference": flops_of(lambda: model(probe)) / target_flops}
-        return {"decomposition_tokens": dec_tokens, "decomposition_remove_tokens": dec_tokens * share if share else None,
-                "decomposition_flops": dec_step * vcfg.steps * vcfg.batch_size * cfg.decomposition_processes / len(x),
+        return {"decomposition_tokens": dec_tokens,
+                "decomposition_remove_tokens": dec_tokens * share if share else None,
+                "decomposition_flops": dec_step * dec_tokens / self.tcfg.seq_len / len(x),
                 "analysis_tokens": sum(w[:, :-1].numel() for w in self.val.values()),
                 "analysis_remove_tokens": self.val[cfg.remove][:, :-1].numel(),
                 "analysis_flops": flops_of(lambda: component_stats(self.dec, self.val, cfg.fire_threshold)),
                 "frontier_remove_tokens": front["remove_tokens"], "frontier_seconds": front["seconds"],
-                "edit_remove_tokens": cfg.save_budget, "edit_flops": edit_step * cfg.steps * len(cfg.scalar_lrs) * len(cfg.lambdas),
-                "edit_flops_note": f"one method at n = {cfg.save_budget}: {cfg.steps} steps x "
-                                   f"{len(cfg.scalar_lrs) * len(cfg.lambdas)} grid points", "methods": methods}
+                "edit_remove_tokens": cfg.save_budget, "edit_flops": edit_step * cfg.steps * grid,
+                "edit_flops_note": f"one method at n = {cfg.save_budget}: {cfg.steps} steps x {grid} grid "
+                                   "points",
+                "methods": methods}
 
 
 def sweep(cfg: EditConfig):
@@ -691,15 +674,17 @@ def sweep(cfg: EditConfig):
         raise ValueError(f"unknown methods {unknown}: see METHOD in edit.py")
     os.makedirs(cfg.out_dir, exist_ok=True)
     ed = Editing(cfg)
-    decode = token_decoder(cfg, ed.vocab)
+    decode = models.token_decoder(cfg.tokenizer, ed.vocab)
     inputs = ed.inputs()
-    analysis = resumable(os.path.join(cfg.out_dir, "components.json"), inputs, lambda: ed.analyse(decode), "components.json")
+    analysis = resumable(os.path.join(cfg.out_dir, "components.json"), inputs, lambda: ed.analyse(decode))
     print(f"Goodfire's pick {analysis['chosen']} ({analysis['labels'][analysis['chosen']]})"
-          + ("" if analysis["chosen_is_only"] else f"; none of the top {cfg.top_k} is labelled {cfg.remove}-only"))
-    front = resumable(os.path.join(cfg.out_dir, "frontier.json"), inputs, lambda: ed.frontier(analysis), "frontier.json")
+          + ("" if analysis["chosen_is_only"] else
+             f"; none of the top {cfg.top_k} is labelled {cfg.remove}-only"))
+    front = resumable(os.path.join(cfg.out_dir, "frontier.json"), inputs, lambda: ed.frontier(analysis))
     for form, b in front["best"].items():
-        print(f"frontier, {form}: {b['key']} ({b['label']}, rank {b['rank']}) at m = {b['m']:g}: {cfg.remove} "
-              f"{b['remove']:+.2f} ({b['remove'] / front['gap']:.0%} of the way to chance), {cfg.keep} {b['keep']:+.3f}")
+        print(f"frontier, {form}: {b['key']} ({b['label']}, rank {b['rank']}) at m = {b['m']:g}: "
+              f"{cfg.remove} {b['remove']:+.2f} ({b['remove'] / front['gap']:.0%} of the way to chance), "
+              f"{cfg.keep} {b['keep']:+.3f}")
     for method in cfg.methods:  # a method that cannot be built fails before any cell
         ed.edit_for(method, analysis, front, 0)
     results = os.path.join(cfg.out_dir, "results.jsonl")
@@ -716,92 +701,50 @@ def sweep(cfg: EditConfig):
         row = ed.cell(method, n, seed, analysis, front)
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
-        tqdm.write(f"{method:>15} n {n:5d} seed {seed}: {cfg.remove} CE {row['test'][cfg.remove]:.3f} "
-                   f"({row['progress']:.0%} to chance), {cfg.keep} {row['damage']:+.3f}, lr {row['lr']:g} λ {row['lam']:g}")
-    rows = [json.loads(line) for line in open(results)]
-    report(cfg, ed, analysis, front, rows, ed.costs(analysis, front), decode)
+        tqdm.write(f"{method:>16} n {n:5d} seed {seed}: {cfg.remove} CE {row['test'][cfg.remove]:.3f} "
+                   f"({row['progress']:.0%} to chance), {cfg.keep} {row['damage']:+.3f}, lr {row['lr']:g} "
+                   f"λ {row['lam']:g}")
+    summarise(cfg, ed, analysis, front, [json.loads(line) for line in open(results)])
 
 
 # -----------------------------------------------------------------------------
-# §6 The report: summary.json (what notebooks/editing.py draws), summary.md, frontier.png
+# §6 The summary: summary.json (notebooks/editing.py tabulates and draws it) and the frontier's figure
 
-def summarise(cfg: EditConfig, rows: list, base: dict, chance: float) -> dict:
-    """Per method and budget, the mean over seeds; per method, tokens to chance."""
-    table = {}
-    for r in rows:
-        if r["method"] in cfg.methods and r["n"] in cfg.budgets:
-            table.setdefault(r["method"], {}).setdefault(r["n"], []).append(r)
-    out = {}
-    for method, by_n in table.items():
-        out[method] = {"by_n": {}, "tokens_to_chance": None}
+def summarise(cfg: EditConfig, ed: Editing, analysis: dict, front: dict, rows: list):
+    """Per method and budget the mean over seeds and, per method, the tokens to chance, into summary.json with
+    the costs; a table of them on the terminal; frontier.png."""
+    base, chance, methods = ed.base_test, ed.chance, {}
+    for method in cfg.methods:
+        by_n, methods[method] = {}, {"by_n": {}, "tokens_to_chance": None}
+        for r in rows:
+            if r["method"] == method and r["n"] in cfg.budgets:
+                by_n.setdefault(r["n"], []).append(r)
         for n in sorted(by_n):
-            rs = by_n[n]
-            mean = {lang: float(np.mean([r["test"][lang] for r in rs])) for lang in rs[0]["test"]}
+            mean = {lang: float(np.mean([r["test"][lang] for r in by_n[n]])) for lang in by_n[n][0]["test"]}
             damage = mean[cfg.keep] - base[cfg.keep]
             progress = (mean[cfg.remove] - base[cfg.remove]) / (chance - base[cfg.remove])
-            out[method]["by_n"][n] = {"ce": mean, "damage": damage, "progress": progress, "seeds": len(rs),
-                                      "prefactors": [r.get("prefactors") for r in rs]}
-            if out[method]["tokens_to_chance"] is None and progress >= cfg.chance_fraction and damage <= cfg.max_damage:
-                out[method]["tokens_to_chance"] = n
-    return out
-
-
-def report(cfg: EditConfig, ed: Editing, analysis: dict, front: dict, rows: list, cost: dict, decode):
-    base, chance, langs = ed.base_test, ed.chance, cfg.languages
-    summary = summarise(cfg, rows, base, chance)
+            methods[method]["by_n"][n] = {"ce": mean, "damage": damage, "progress": progress,
+                                          "seeds": len(by_n[n]),
+                                          "prefactors": [r.get("prefactors") for r in by_n[n]]}
+            at_chance = progress >= cfg.chance_fraction and damage <= cfg.max_damage
+            if methods[method]["tokens_to_chance"] is None and at_chance:
+                methods[method]["tokens_to_chance"] = n
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump({"base_test": base, "chance": chance, "methods": summary, "cost": cost, "remove": cfg.remove,
-                   "keep": cfg.keep, "max_damage": cfg.max_damage, "frontier_best": front["best"]}, f, indent=1)
-    others = [l for l in langs if l not in (cfg.remove, cfg.keep)]
-    n_show = min(cfg.budgets, key=lambda n: abs(n - cfg.save_budget))
-    counts = {}
-    for label in analysis["labels"].values():
-        counts[label] = counts.get(label, 0) + 1
-    lines = [f"# Removing {NAMES.get(cfg.remove, cfg.remove)} from {cfg.ckpt}", "",
-             f"Test CE before any edit: " + ", ".join(f"{l} {base[l]:.3f}" for l in langs)
-             + f"; chance ln {ed.vocab} = {chance:.3f} nats. Labels: "
-             + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) + ".", "",
-             f"## The causal frontier (dev, {front['candidates']} subcomponents, {front['windows']} windows per language, "
-             f"{front['seconds']:.0f} s)", "", f"| gate | best subcomponent | label | rank | m | {cfg.remove} ΔCE (share of the gap) | "
-             f"{cfg.keep} ΔCE |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {form} | `{b['key']}` | {b['label']} | {b['rank']} | {b['m']:g} | {b['remove']:+.3f} "
-              f"({b['remove'] / front['gap']:.0%}) | {b['keep']:+.3f} |" for form, b in front["best"].items()]
-    pick = {e["form"]: e for e in front["entries"] if e["key"] == analysis["chosen"]}
-    lines += ["", f"Goodfire's pick `{analysis['chosen']}` ({analysis['labels'][analysis['chosen']]}) at its best m: "
-              + "; ".join(f"{f} m = {e['m']:g}, {cfg.remove} {e['remove']:+.3f}, {cfg.keep} {e['keep']:+.3f}" for f, e in pick.items()),
-              "", f"## Top {cfg.top_k} by mean CI on {cfg.remove} minus on {cfg.keep}", "",
-              "| subcomponent | label | mean CI " + "/".join(langs) + " | top context per language |", "| --- | --- | --- | --- |"]
-    lines += [f"| `{r['key']}` | {r['label']} | " + "/".join(f"{r['mean_ci'][l]:.3f}" for l in langs) + " | "
-              + " ¶ ".join(c.replace("|", "/") for c in r["contexts"][::cfg.n_contexts]) + " |" for r in analysis["ranked"]]
-    lines += ["", f"## Edits: test split, mean over seeds; each cell: share of the way to chance, {cfg.keep} damage", "",
-              "| method | " + " | ".join(f"n = {n}" for n in cfg.budgets) + f" | tokens to chance (≥ {cfg.chance_fraction:.0%}, "
-              f"damage ≤ {cfg.max_damage}) | " + " / ".join(others) + f" ΔCE at n = {n_show} | parameters | inference FLOPs |",
-              "| --- " * (len(cfg.budgets) + 5) + "|"]
-    for method, s in summary.items():
-        cells = [f"{s['by_n'][n]['progress']:.0%}, {s['by_n'][n]['damage']:+.3f}" if n in s["by_n"] else "" for n in cfg.budgets]
-        off = " / ".join(f"{s['by_n'][n_show]['ce'][l] - base[l]:+.3f}" for l in others) if n_show in s["by_n"] else ""
-        c = cost["methods"].get(method, {})
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {s['tokens_to_chance'] or 'not reached'} | {off} | "
-                     f"{c.get('parameters', '')} | {c.get('inference', 0):.3f}× |")
-    lines += ["", "## Cost", "", f"- decomposition (every component method): {cost['decomposition_tokens']:,} tokens"
-              + (f" (~{cost['decomposition_remove_tokens']:,.0f} {cfg.remove})" if cost["decomposition_remove_tokens"] else "")
-              + f", {cost['decomposition_flops']:.3g} FLOPs",
-              f"- analysis (labels, ranking, gates): {cost['analysis_tokens']:,} tokens ({cost['analysis_remove_tokens']:,} "
-              f"{cfg.remove}), {cost['analysis_flops']:.3g} FLOPs; the frontier: {cost['frontier_remove_tokens']:,} {cfg.remove} "
-              f"dev tokens, {cost['frontier_seconds']:.0f} s", f"- one edit: {cost['edit_remove_tokens']} {cfg.remove} tokens, "
-              f"{cost['edit_flops']:.3g} FLOPs ({cost['edit_flops_note']})"]
-    saved = [m for m in summary if os.path.exists(os.path.join(cfg.out_dir, f"edited_{m}.pt")) and n_show in summary[m]["by_n"]
-             and summary[m]["by_n"][n_show]["damage"] <= cfg.max_damage]
-    if saved:  # the saved edit that went furthest within the damage allowed
-        lines += continuations(cfg, ed, decode, max(saved, key=lambda m: summary[m]["by_n"][n_show]["progress"]))
-    with open(os.path.join(cfg.out_dir, "summary.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+        json.dump({"ckpt": cfg.ckpt, "base_test": base, "chance": chance, "remove": cfg.remove,
+                   "keep": cfg.keep, "max_damage": cfg.max_damage, "methods": methods,
+                   "cost": ed.costs(analysis, front),
+                   "frontier_best": front["best"], "goodfire_pick": analysis["chosen"]}, f, indent=1)
+    print(f"test split, mean over seeds: share of the way to chance, {cfg.keep} damage; tokens to chance")
+    for method, s in methods.items():
+        cells = "  ".join(f"n={n} {v['progress']:.0%} {v['damage']:+.3f}" for n, v in s["by_n"].items())
+        print(f"{method:>16}: {cells}  | {s['tokens_to_chance'] or 'not reached'}")
     draw_frontier(cfg, analysis, front)
-    print(f"wrote {cfg.out_dir}/summary.md, summary.json, results.jsonl, frontier.json, frontier.png")
+    print(f"wrote {cfg.out_dir}/summary.json, results.jsonl, components.json, frontier.json, frontier.png")
 
 
 def draw_frontier(cfg: EditConfig, analysis: dict, front: dict):
-    """German gain against English damage, a dot per subcomponent at its best m, one panel per gate."""
+    """The gain on the language to remove against the keep language's damage, a dot per subcomponent at its
+    best m, one panel per gate; Goodfire's pick and the frontier's best marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -812,11 +755,12 @@ def draw_frontier(cfg: EditConfig, analysis: dict, front: dict):
         for label in sorted({e["label"] for e in entries}):
             es = [e for e in entries if e["label"] == label]
             ax.scatter([e["keep"] for e in es], [e["remove"] / front["gap"] for e in es], s=9, alpha=0.6,
-                       color=colours.get(label, "C2" if cfg.remove in label else "C9"), label=label if form == "plain" else None)
-        for e, style, name in ((next(e for e in entries if e["key"] == analysis["chosen"]), "*", "Goodfire's pick"),
-                               (front["best"][form], "o", "frontier's best")):
-            ax.scatter([e["keep"]], [e["remove"] / front["gap"]], s=160, marker=style, facecolors="none", edgecolors="k",
-                       label=f"{name}: {e['key']} (m = {e['m']:g})")
+                       color=colours.get(label, "C2" if cfg.remove in label else "C9"),
+                       label=label if form == "plain" else None)
+        pick = next(e for e in entries if e["key"] == analysis["chosen"])
+        for e, style, name in ((pick, "*", "Goodfire's pick"), (front["best"][form], "o", "frontier's best")):
+            ax.scatter([e["keep"]], [e["remove"] / front["gap"]], s=160, marker=style, facecolors="none",
+                       edgecolors="k", label=f"{name}: {e['key']} (m = {e['m']:g})")
         ax.axvline(cfg.max_damage, color="k", ls="--", lw=0.8)
         ax.axhline(1.0, color="k", ls=":", lw=0.8)
         ax.set(xscale="symlog", xlabel=f"{cfg.keep} CE increase (nats, dev)", title=f"gate: {form}")
@@ -825,23 +769,6 @@ def draw_frontier(cfg: EditConfig, analysis: dict, front: dict):
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "frontier.png"), dpi=120)
     plt.close(fig)
-
-
-@torch.no_grad()
-def continuations(cfg: EditConfig, ed: Editing, decode, method: str, n_prompts=2, prompt_len=16, new=16) -> list:
-    """Greedy continuations of a few test prompts per language, before and after a saved edit."""
-    edited = load_edited(os.path.join(cfg.out_dir, f"edited_{method}.pt"), ed.tcfg).to(cfg.device)
-    lines = ["", f"## Greedy continuations, before → after the saved {method} edit (n = {cfg.save_budget}, seed 0)", ""]
-    for lang in (cfg.remove, cfg.keep):
-        for w in ed.test[lang][:n_prompts]:
-            outs = []
-            for model in (ed.target, edited):
-                x = w[:prompt_len][None]
-                for _ in range(new):
-                    x = torch.cat([x, vpd.output_logits(model(x))[:, -1:].argmax(-1)], 1)
-                outs.append(decode(x[0, prompt_len:].tolist()))
-            lines.append(f"- {lang}: `{decode(w[:prompt_len].tolist())}` → `{outs[0]}` | `{outs[1]}`")
-    return lines
 
 
 # -----------------------------------------------------------------------------

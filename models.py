@@ -262,6 +262,71 @@ def token_batches(tcfg: TargetConfig, batch_size: int, seed: int, device="cpu", 
     return get_batch
 
 
+# -----------------------------------------------------------------------------
+# Text per language (edit.py and the notebooks): token files per split, or a streamed Hugging Face dataset
+
+SPLITS = ("val", "dev", "test", "train")
+
+
+def language_splits(lang: str, data: str, sources: dict, tokenizer: str, split_tokens: int) -> dict:
+    """{split: token ids [N]} of one language: the {split}_{lang}.bin files in `data` (data/fortunes/prepare.py), or
+    for a language of `sources` ({lang: "dataset[:subset]"}) a Hugging Face dataset streamed in order, its first
+    split_tokens tokens the val split, the next dev, then test, then train (rows with `input_ids` as they are,
+    `text` through the tokenizer "hf:<name or dir>", each document ending with its <eos>)."""
+    if lang not in sources:
+        paths = {s: os.path.join(data, f"{s}_{lang}.bin") for s in SPLITS}
+        for path in paths.values():
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} is missing: one token file per split and language "
+                                        "({val,dev,test,train}_<lang>.bin), as data/fortunes/prepare.py writes them, "
+                                        "is read, or a language named in `sources` is streamed")
+        return {s: torch.from_numpy(np.fromfile(p, dtype=np.uint16).astype(np.int64)) for s, p in paths.items()}
+    import datasets
+    name, _, subset = sources[lang].partition(":")
+    ids, need, tok = [], split_tokens * len(SPLITS), None
+    for row in datasets.load_dataset(name, subset or None, split="train", streaming=True):
+        if "input_ids" in row:
+            ids += row["input_ids"]
+        else:
+            if tok is None:
+                from transformers import AutoTokenizer
+                tok = AutoTokenizer.from_pretrained(tokenizer.removeprefix("hf:"))
+            ids += tok(row["text"])["input_ids"] + [tok.eos_token_id]
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise ValueError(f"{sources[lang]} holds {len(ids):,} tokens, fewer than 4 splits x split_tokens={split_tokens:,}")
+    return dict(zip(SPLITS, torch.tensor(ids[:need]).split(split_tokens)))
+
+
+def windows(tokens: torch.Tensor, n: int, T: int, generator=None) -> torch.Tensor:
+    """n windows [n, T + 1] of a token stream (inputs, then the labels one further): evenly spaced over
+    the stream, or at random places when a generator is given."""
+    if len(tokens) < T + 1:
+        raise ValueError(f"a token file of {len(tokens)} tokens holds no window of {T + 1}")
+    starts = (torch.randint(len(tokens) - T, (n,), generator=generator) if generator is not None
+              else torch.linspace(0, len(tokens) - T - 1, n).long())
+    return tokens[starts[:, None] + torch.arange(T + 1)]
+
+
+def token_decoder(tokenizer: str, vocab_size: int):
+    """ids -> text, newlines and tabs shown as ⏎ and ⇥: "gpt2" (data/fortunes' truncated BPE), "hf:<name or dir>",
+    or "ids" (the numbers)."""
+    if tokenizer == "gpt2":
+        import importlib.util
+        where = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "fortunes", "prepare.py")
+        spec = importlib.util.spec_from_file_location("fortunes_prepare", where)
+        prepare = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(prepare)
+        decode = prepare.gpt2_encoding(vocab_size).decode
+    elif tokenizer.startswith("hf:"):
+        from transformers import AutoTokenizer
+        decode = AutoTokenizer.from_pretrained(tokenizer[3:]).decode
+    else:
+        return lambda ids: " ".join(map(str, ids))
+    return lambda ids: decode(ids).replace("\n", "⏎").replace("\t", "⇥")
+
+
 def build_model(tcfg: TargetConfig) -> nn.Module:
     """The target's architecture, freshly initialised (a Hugging Face model: with its pretrained weights)."""
     if tcfg.model.startswith("hf:"):
@@ -438,9 +503,9 @@ def hf_causal_lm(name: str) -> nn.Module:
                          f"model='hf:/path/to/dir'")
 
 
-def build(tcfg: TargetConfig, cfg):
-    """The target, its data and (toys) its ground truth, for vpd.py. Trains the target when its state
-    dict is missing."""
+def build(tcfg: TargetConfig, cfg, check=lambda model: None):
+    """The target, its data and (toys) its ground truth, for vpd.py. check(model) runs on the model as built,
+    before a missing target's state dict is trained."""
     device = cfg.device
     waits = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) > 0
     if waits:  # one process per machine downloads or trains the target; the others then find it on disk
@@ -449,8 +514,9 @@ def build(tcfg: TargetConfig, cfg):
     path = tcfg.target_path or os.path.join(cfg.out_dir, "target.pt")
     if path.startswith("wandb:"):
         path = download_wandb(path)
-    if hf:  # its weights are the Hub's (or the directory's), never target_path
-        model = build_model(tcfg).to(device)
+    model = build_model(tcfg).to(device)  # hf: with its weights, the Hub's (or the directory's), never target_path
+    check(model)
+    if hf:
         tcfg.vocab_size = model.config.vocab_size  # random tokens and memmap checks: the model's (padded) vocabulary
     elif not os.path.exists(path):
         if not tcfg.train_target:
@@ -460,7 +526,6 @@ def build(tcfg: TargetConfig, cfg):
     if dist.is_initialized() and not waits:
         dist.barrier()
     if not hf:
-        model = build_model(tcfg).to(device)
         try:
             model.load_state_dict(torch.load(path, map_location=device, weights_only=True), strict=True)
         except Exception as e:

@@ -1,6 +1,7 @@
-"""Tests of vpd.py and models.py: hand-computed losses, invariants of the masked forward, the sigmoids,
-routing, the adversary, checkpoints and resume, the configurator, and recovery of TMS 5-2.
-Run: python -m pytest -q   (offline, CPU, a few minutes on 2 cores)"""
+"""Tests of vpd.py (in its order: §1-7, then the appendices), models.py, edit.py, the README's snippets and the
+notebooks: hand-computed losses and edges, invariants of the masked forward, the sigmoids, routing, the adversaries,
+training, checkpoints and exact resume (1 and 2 processes), Goodfire's format, recovery of TMS 5-2, edits and the
+frontier. Run: python -m pytest -q   (offline, CPU, a few minutes on 2 cores)"""
 import contextlib
 from contextlib import nullcontext
 import copy
@@ -24,9 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import edit
 import models
 import vpd
 
+# -- helpers: tiny models and runs that many tests share -----------------------------------------------------
 
 def tiny_mlp():
     torch.manual_seed(0)
@@ -44,42 +47,68 @@ def ones_masks(dec, x, delta=1.0):
             for n, c in dec.comps.items()}
 
 
-# -- §4 losses against hand-computed values ---------------------------------------------------------
-
-def test_importance_minimality_hand_values():
-    g = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # two positions, two subcomponents
-    # s = [4, 6], mean = [2, 3]
-    assert vpd.importance_minimality_loss(g, p=1.0, beta=0.0).item() == pytest.approx(5.0)
-    expected = 2 * (1 + math.log2(5)) + 3 * (1 + math.log2(7))
-    assert vpd.importance_minimality_loss(g, p=1.0, beta=1.0).item() == pytest.approx(expected, rel=1e-6)
-    # p = 2: s = [1 + 9, 4 + 16] = [10, 20], mean = [5, 10]; two matrices add up
-    two = torch.cat([g, torch.tensor([[0.5], [0.0]])], -1)  # a second matrix with one subcomponent
-    assert vpd.importance_minimality_loss(two, p=2.0, beta=0.0).item() == pytest.approx(15 + 0.125)
-
-
-def test_importance_minimality_positions_are_all_leading_dims():
-    g = torch.rand(3, 5, 4)
-    flat = g.reshape(15, 4)
-    assert vpd.importance_minimality_loss(g, 2.0, 0.5).item() == pytest.approx(
-        vpd.importance_minimality_loss(flat, 2.0, 0.5).item())
+def toy_run(tmp_path, **overrides):
+    tcfg = models.TargetConfig(target_steps=300)
+    cfg = vpd.Config(**{**dict(out_dir=str(tmp_path / "run"), device="cpu", steps=20, batch_size=64, eval_interval=10,
+                               ckpt_interval=10, log_interval=1, faith_warmup_steps=5), **overrides})
+    target_path = tmp_path / "target.pt"
+    if not target_path.exists():
+        models.train_target(tcfg, str(target_path))
+    model = models.build_model(tcfg)
+    model.load_state_dict(torch.load(target_path, weights_only=True))
+    return cfg, tcfg, model
 
 
-def test_faithfulness_hand_value():
-    deltas = {"a": torch.tensor([[1.0, -2.0]]), "b": torch.tensor([[3.0], [0.0]])}
-    assert vpd.faithfulness_loss(deltas).item() == pytest.approx((1 + 4 + 9) / 4)
+def train_losses(path):
+    return [r for r in map(json.loads, open(path)) if "total" in r]
 
 
-def test_recon_losses_hand_values():
-    out, target = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])
-    assert vpd.recon_loss(out, target, "mse").item() == pytest.approx(2.5)
-    # KL(p || q) with p = softmax(target) = [1/2, 1/2], q = softmax([0, ln 3]) = [1/4, 3/4]
-    q_logits = torch.tensor([[[0.0, math.log(3)]]])
-    kl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
-    assert vpd.recon_loss(q_logits, torch.zeros(1, 1, 2), "kl").item() == pytest.approx(kl, rel=1e-5)
-    assert vpd.recon_loss(q_logits, q_logits, "kl").item() == pytest.approx(0.0, abs=1e-7)
+LM_MODULES = {"h.*.attn.q_proj": 4, "h.*.attn.k_proj": 4, "h.*.attn.v_proj": 4, "h.*.attn.o_proj": 4,
+              "h.*.mlp.c_fc": 6, "h.*.mlp.down_proj": 6}
 
 
-# -- §1-2 components and the masked forward -----------------------------------------------------------
+def tiny_lm(**target):
+    tcfg = models.TargetConfig(model="llama_simple_mlp", vocab_size=32, d_model=16, n_heads=2, d_mlp=32,
+                               n_layers=2, seq_len=8, **target)
+    torch.manual_seed(0)
+    return models.build_model(tcfg), tcfg
+
+
+def lm_config(**overrides):
+    base = dict(modules=LM_MODULES, ci_fn="transformer", ci_d_model=16, ci_n_blocks=1, ci_n_heads=2, ci_d_mlp=32,
+                recon_loss="kl", beta=0.5, faith_coeff=1e3, imp_coeff=1e-3, p_start=2.0, p_end=0.4,
+                stoch_coeff=0.5, adv_coeff=0.5, ci_threshold=0.0)
+    return vpd.Config(**{**base, **overrides})
+
+
+LANGS = ["en", "de", "es", "it"]
+
+
+@pytest.fixture(scope="module")
+def lm_decomposition(tmp_path_factory):
+    """A tiny language model and its decomposition, trained a few steps on a 4-language fixture corpus in
+    which each language draws its own 8 of the 32 tokens (plus a shared few); token files as
+    data/fortunes/prepare.py writes them."""
+    root = tmp_path_factory.mktemp("edit")
+    data = root / "data"
+    data.mkdir()
+    g = np.random.default_rng(0)
+    for i, lang in enumerate(LANGS):
+        for split in ("train", "val", "dev", "test"):
+            own = g.integers(8 * i, 8 * i + 8, 3000)
+            shared = g.integers(0, 32, 3000)
+            np.where(g.random(3000) < 0.8, own, shared).astype(np.uint16).tofile(data / f"{split}_{lang}.bin")
+    for split in ("train", "val"):
+        np.concatenate([np.fromfile(data / f"{split}_{lang}.bin", dtype=np.uint16) for lang in LANGS]).tofile(data / f"{split}.bin")
+    model, tcfg = tiny_lm(dataset=str(data))
+    cfg = lm_config(out_dir=str(root / "dec"), steps=10, batch_size=8, eval_interval=0, log_interval=0,
+                    faith_warmup_steps=20)
+    vpd.train(cfg, model, models.token_batches(tcfg, 8, seed=0),
+              run_config={**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)})
+    return root, data, os.path.join(cfg.out_dir, "ckpt.pt")
+
+
+# -- §1-2 components and the masked forward ------------------------------------------------------------------
 
 def test_weight_is_components_plus_delta():
     dec, _ = decomposition()
@@ -125,29 +154,6 @@ def test_routing_reproduces_target_where_unrouted():
     masks = dec.masks(ci, source)
     only_first = dec.masked(x[:3], {"0": (masks["0"][0][:3], masks["0"][1][:3])})
     torch.testing.assert_close(out[:3], only_first, atol=1e-5, rtol=1e-5)
-
-
-def test_layerwise_stochastic_loss_by_hand():
-    """SPD's routing: the all-matrices pass plus the mean of one pass per matrix, each masking that matrix
-    alone with the same sample (the other matrix keeps its own weight), written out layer by layer."""
-    dec, cfg = decomposition(routing="layerwise")
-    (W0, b0), (W2, b2) = ((c.W, c.bias) for c in dec.comps.values())
-    x = torch.randn(5, 4)
-    with torch.no_grad():
-        target = dec(x)
-        ci = torch.rand(5, 12)
-        torch.manual_seed(3)
-        loss = vpd.stochastic_recon_loss(dec, x, target, ci, cfg)
-        torch.manual_seed(3)
-        u = torch.rand(5, 14)  # the sample the loss drew: ΣC mask channels, then δ per matrix
-        m0, m2 = ci[:, :5] + (1 - ci[:, :5]) * u[:, :5], ci[:, 5:] + (1 - ci[:, 5:]) * u[:, 5:12]
-        d0, d2 = u[:, 12:13], u[:, 13:14]
-        layer0 = lambda h: ((h @ dec.comps["0"].V) * (m0 - d0)) @ dec.comps["0"].U + d0 * (h @ W0.T) + b0
-        layer2 = lambda h: ((h @ dec.comps["2"].V) * (m2 - d2)) @ dec.comps["2"].U + d2 * (h @ W2.T) + b2
-        mse = lambda out: (out - target).pow(2).mean()
-        every = mse(layer2(layer0(x).relu()))
-        only0, only2 = mse(layer0(x).relu() @ W2.T + b2), mse(layer2((x @ W0.T + b0).relu()))
-    assert loss.item() == pytest.approx((every + (only0 + only2) / 2).item(), rel=1e-5)
 
 
 def test_masks_from_ci_and_source():
@@ -225,7 +231,7 @@ def test_install_keeps_target_state_dict_keys_and_freezes_target():
     assert all(not p.requires_grad for n, p in model.named_parameters() if not n.endswith((".V", ".U")))
 
 
-# -- §3 the leaky hard sigmoids -------------------------------------------------------------------------
+# -- §3 causal importance: the leaky hard sigmoids and the CI functions --------------------------------------
 
 def test_lower_leaky_hard_sigmoid_values_and_gradients():
     z = torch.tensor([-0.5, -0.5, 0.0, 0.5, 1.0, 1.5, 1.5], requires_grad=True)
@@ -261,7 +267,75 @@ def test_ci_functions_shapes():
     assert {n: v.shape for n, v in dec.split(lower).items()} == {"0": (2, 3, 5), "2": (2, 3, 7)}
 
 
-# -- §4 the adversaries -------------------------------------------------------------------------------
+# -- §4 losses against hand-computed values, and the adversaries ---------------------------------------------
+
+def test_importance_minimality_hand_values():
+    g = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # two positions, two subcomponents
+    # s = [4, 6], mean = [2, 3]
+    assert vpd.importance_minimality_loss(g, p=1.0, beta=0.0).item() == pytest.approx(5.0)
+    expected = 2 * (1 + math.log2(5)) + 3 * (1 + math.log2(7))
+    assert vpd.importance_minimality_loss(g, p=1.0, beta=1.0).item() == pytest.approx(expected, rel=1e-6)
+    # p = 2: s = [1 + 9, 4 + 16] = [10, 20], mean = [5, 10]; two matrices add up
+    two = torch.cat([g, torch.tensor([[0.5], [0.0]])], -1)  # a second matrix with one subcomponent
+    assert vpd.importance_minimality_loss(two, p=2.0, beta=0.0).item() == pytest.approx(15 + 0.125)
+
+
+def test_importance_minimality_positions_are_all_leading_dims():
+    g = torch.rand(3, 5, 4)
+    flat = g.reshape(15, 4)
+    assert vpd.importance_minimality_loss(g, 2.0, 0.5).item() == pytest.approx(
+        vpd.importance_minimality_loss(flat, 2.0, 0.5).item())
+
+
+def test_faithfulness_hand_value():
+    deltas = {"a": torch.tensor([[1.0, -2.0]]), "b": torch.tensor([[3.0], [0.0]])}
+    assert vpd.faithfulness_loss(deltas).item() == pytest.approx((1 + 4 + 9) / 4)
+
+
+def test_recon_losses_hand_values():
+    out, target = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])
+    assert vpd.recon_loss(out, target, "mse").item() == pytest.approx(2.5)
+    # KL(p || q) with p = softmax(target) = [1/2, 1/2], q = softmax([0, ln 3]) = [1/4, 3/4]
+    q_logits = torch.tensor([[[0.0, math.log(3)]]])
+    kl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert vpd.recon_loss(q_logits, torch.zeros(1, 1, 2), "kl").item() == pytest.approx(kl, rel=1e-5)
+    assert vpd.recon_loss(q_logits, q_logits, "kl").item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_layerwise_stochastic_loss_by_hand():
+    """SPD's routing: the all-matrices pass plus the mean of one pass per matrix, each masking that matrix
+    alone with the same sample (the other matrix keeps its own weight), written out layer by layer."""
+    dec, cfg = decomposition(routing="layerwise")
+    (W0, b0), (W2, b2) = ((c.W, c.bias) for c in dec.comps.values())
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        target = dec(x)
+        ci = torch.rand(5, 12)
+        torch.manual_seed(3)
+        loss = vpd.stochastic_recon_loss(dec, x, target, ci, cfg)
+        torch.manual_seed(3)
+        u = torch.rand(5, 14)  # the sample the loss drew: ΣC mask channels, then δ per matrix
+        m0, m2 = ci[:, :5] + (1 - ci[:, :5]) * u[:, :5], ci[:, 5:] + (1 - ci[:, 5:]) * u[:, 5:12]
+        d0, d2 = u[:, 12:13], u[:, 13:14]
+        layer0 = lambda h: ((h @ dec.comps["0"].V) * (m0 - d0)) @ dec.comps["0"].U + d0 * (h @ W0.T) + b0
+        layer2 = lambda h: ((h @ dec.comps["2"].V) * (m2 - d2)) @ dec.comps["2"].U + d2 * (h @ W2.T) + b2
+        mse = lambda out: (out - target).pow(2).mean()
+        every = mse(layer2(layer0(x).relu()))
+        only0, only2 = mse(layer0(x).relu() @ W2.T + b2), mse(layer2((x @ W0.T + b0).relu()))
+    assert loss.item() == pytest.approx((every + (only0 + only2) / 2).item(), rel=1e-5)
+
+
+def test_stochastic_loss_routes_as_configured(monkeypatch):
+    dec, cfg = decomposition()
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        target, ci = dec(x), torch.rand(16, 12)
+    seen, masks = [], dec.masks
+    monkeypatch.setattr(dec, "masks", lambda ci, source, routed=None: seen.append(routed) or masks(ci, source, routed))
+    for routing in ("uniform_k_subset", "all"):
+        vpd.stochastic_recon_loss(dec, x, target, ci, dataclasses.replace(cfg, routing=routing))
+    assert seen[0].shape == (16, 2) and seen[0].any(-1).all() and seen[1] is None  # k >= 1 matrices per position
+
 
 def test_persistent_adversary_ascent_raises_loss_and_stays_in_unit_box():
     dec, cfg = decomposition()
@@ -326,6 +400,8 @@ def test_eval_adversary_shared_source_raises_loss():
     assert found[20] > found[0] and found[5] >= found[0] * 0.99
 
 
+# -- §5 training ---------------------------------------------------------------------------------------------
+
 def test_schedules_by_hand():
     cfg = vpd.Config(steps=11, p_start=2.0, p_end=0.4, lr=1e-3, lr_warmup=0.2, lr_final=0.1, adv_lr=0.01, adv_warmup=0.5)
     p, lr, adv_lr = vpd.schedules(0, cfg)  # warm-up over int(0.2 * 11) = 2 steps; adversary over 5.5
@@ -355,17 +431,165 @@ def test_tied_gradients_add_both_uses_and_the_adversarial_loss_trains_the_ci_fun
     assert b.V.grad is None and b.U.grad is None
 
 
-def test_stochastic_loss_routes_as_configured(monkeypatch):
-    dec, cfg = decomposition()
-    x = torch.randn(16, 4)
-    with torch.no_grad():
-        target, ci = dec(x), torch.rand(16, 12)
-    seen, masks = [], dec.masks
-    monkeypatch.setattr(dec, "masks", lambda ci, source, routed=None: seen.append(routed) or masks(ci, source, routed))
-    for routing in ("uniform_k_subset", "all"):
-        vpd.stochastic_recon_loss(dec, x, target, ci, dataclasses.replace(cfg, routing=routing))
-    assert seen[0].shape == (16, 2) and seen[0].any(-1).all() and seen[1] is None  # k >= 1 matrices per position
+def test_tied_matrices_stay_transposes_of_each_other(tmp_path):
+    """TMS's linear2 weight is linear1's transposed; tied, linear2's V, U must remain linear1's U, V
+    transposed through the warm-up, AdamW with clipping and the adversary, bit for bit."""
+    cfg, tcfg, model = toy_run(tmp_path, tie={"linear2": "linear1"}, grad_clip=0.1, eval_interval=0)
+    vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed), None)
+    comps = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)["components"]
+    assert torch.equal(comps["linear2"]["V"], comps["linear1"]["U"].T)
+    assert torch.equal(comps["linear2"]["U"], comps["linear1"]["V"].T)
+    with pytest.raises(ValueError, match="transposed"):  # linear1 is not linear2 transposed with different C
+        vpd.Decomposition(toy_run(tmp_path)[2], dataclasses.replace(cfg, modules={"linear1": 20, "linear2": 10}))
 
+
+def test_evaluation_does_not_change_the_training_run(tmp_path):
+    runs = []
+    for every in (0, 4):  # evaluation draws random masks: from its own stream, so the losses stay the same
+        cfg, tcfg, model = toy_run(tmp_path, out_dir=str(tmp_path / f"eval{every}"), eval_interval=every, steps=12)
+        vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed), None)
+        runs.append([{k: r[k] for k in ("faith", "imp", "stoch", "adv")}
+                     for r in train_losses(os.path.join(cfg.out_dir, "metrics.jsonl"))])
+    assert len(runs[0]) == 12 and runs[0] == runs[1]
+
+
+def test_nan_loss_is_a_clear_error(tmp_path):
+    cfg, tcfg, model = toy_run(tmp_path)
+    get_batch = models.sparse_features(tcfg, cfg.batch_size, cfg.seed)
+    with pytest.raises(FloatingPointError, match="loss is nan.*no checkpoint was written yet"):
+        vpd.train(cfg, model, lambda split, step: (get_batch(split, step)[0] * float("nan"), None))
+
+
+def test_bf16_casts_once_per_step_with_the_same_losses_and_gradients(monkeypatch):
+    """Under bf16 autocast (on CUDA in training; on the CPU here) each matrix's V, U and W are cast once per
+    training step, not in every masked pass (before: V, U 3 times, W 5 times); the losses and gradients
+    are those of casting in every pass. In fp32 nothing is cast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self, tensors):
+            super().__init__()
+            self.ptrs, self.n = {t.data_ptr(): i for i, t in enumerate(tensors)}, [0] * len(tensors)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.ptrs:
+                self.n[self.ptrs[args[0].data_ptr()]] += 1
+            return func(*args, **(kwargs or {}))
+
+    def step(autocast, cast_once=True):
+        model, tcfg = tiny_lm()
+        cfg = lm_config()
+        torch.manual_seed(0)
+        dec = vpd.Decomposition(model, cfg)
+        if not cast_once:
+            monkeypatch.setattr(dec, "cast_once", lambda autocast: contextlib.nullcontext())
+        x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
+        with CountCasts([t for c in dec.comps.values() for t in (c.V, c.U, c.weight)]) as casts:
+            losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, p=1.5, adv_lr=0.01, autocast=autocast)
+            sum(losses.values()).backward()
+        return losses, [p.grad for p in dec.parameters() if p.requires_grad], casts.n
+
+    losses, grads, casts = step(torch.autocast("cpu", torch.bfloat16))
+    assert set(casts) == {1}
+    every_pass = step(torch.autocast("cpu", torch.bfloat16), cast_once=False)
+    assert set(every_pass[2]) == {3, 5}
+    assert {k: v.item() for k, v in losses.items()} == {k: v.item() for k, v in every_pass[0].items()}
+    for g, h in zip(grads, every_pass[1]):  # V, U's gradients add up in bf16 before their one cast back
+        torch.testing.assert_close(g, h, rtol=1e-2, atol=1e-5)
+    assert set(step(contextlib.nullcontext())[2]) == {0}
+
+
+def test_compiled_reconstruction_loss_gives_the_eager_losses_and_gradients():
+    """On CUDA training compiles the reconstruction loss (dynamic shapes); traced here with the aot_eager
+    backend (inductor's own code is for the GPU): the same losses, gradients and metrics as eager, for
+    every kind of call a training step and an evaluation make, on the padded logits' view."""
+    def step(compiled):
+        model, tcfg = tiny_lm()
+        cfg = lm_config(adv_routing="uniform_k_subset")
+        torch.manual_seed(0)
+        dec = vpd.Decomposition(model, cfg)
+        if compiled:
+            dec.recon_loss = torch.compile(vpd.recon_loss, dynamic=True, backend="aot_eager")
+        x, y = models.token_batches(tcfg, 4, seed=0)("train", 0)
+        torch.manual_seed(1)
+        losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, p=1.5, adv_lr=0.01)
+        sum(losses.values()).backward()
+        metrics, _ = vpd.evaluate_batch(dec, x, y, dataclasses.replace(cfg, eval_adv_steps=[0, 3]))
+        return losses, [p.grad for p in dec.parameters() if p.requires_grad], metrics
+
+    eager, compiled = step(False), step(True)
+    for k in eager[0]:
+        assert compiled[0][k].item() == pytest.approx(eager[0][k].item(), rel=1e-6, abs=1e-9), k
+    for g, h in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7)
+    assert compiled[2] == pytest.approx(eager[2], rel=1e-5, abs=1e-9)
+
+
+def test_lm_run_end_to_end(tmp_path):
+    model, tcfg = tiny_lm()
+    cfg = lm_config(out_dir=str(tmp_path), steps=6, batch_size=4, eval_interval=3, log_interval=3, ckpt_interval=3,
+                    faith_warmup_steps=5, eval_adv_steps=[0, 3])
+    metrics = vpd.train(cfg, model, models.token_batches(tcfg, 4, seed=0))
+    assert metrics["step"] == 6 and metrics["ce/target"] > 0
+    assert {"l0_layer/h.0", "l0_layer/h.1", "ce_unrecovered/ci", "alive/total"} <= set(metrics)
+    assert metrics["l0/total"] == pytest.approx(metrics["l0_layer/h.0"] + metrics["l0_layer/h.1"])
+    assert metrics["ce_unrecovered/zero"] == pytest.approx(1.0)
+
+
+def test_short_run_recovers_tms_5_2(tmp_path):
+    """configs/tms_5_2.py shortened to fit the suite (3k steps at batch 1024 and twice the rate, ~35-70 s on
+    2 cores; the full recipe runs 7k at 2048) finds one subcomponent per feature in both matrices with the
+    features' norms, and linear1's exact CI pattern. linear2's pattern is exact only after the full run
+    (0 / 0, RESULTS.md); here each feature's own subcomponent is on and the rest leak up to ~0.2 (seed 0:
+    4 or 5 of the 25 probe entries more than 0.1 off, depending on the machine's rounding), so linear2 is
+    checked at a tolerance of 0.3."""
+    cfg, tcfg = vpd.configure([os.path.join(os.path.dirname(__file__), "configs", "tms_5_2.py"),
+                               f"--out_dir={tmp_path}", f"--target_path={tmp_path}/target.pt", "--device='cpu'",
+                               "--steps=3000", "--batch_size=1024", "--lr=4e-3"],
+                              vpd.Config(), models.TargetConfig())
+    model, get_batch, truth = models.build(tcfg, cfg)
+    metrics = vpd.train(cfg, model, get_batch, truth)
+    assert metrics["mmcs"] > 0.999
+    assert abs(metrics["ml2r"] - 1) < 0.02
+    assert metrics["alive/linear1"] == 5 and metrics["alive/linear2"] == 5
+    assert metrics["ci_error/linear1"] == 0
+    dec = vpd.Decomposition(models.build(tcfg, cfg)[0], cfg)  # train() wrapped `model` in place
+    vpd.load_decomposition_state(dec, vpd.load_checkpoint(tmp_path / "ckpt.pt"))
+    assert vpd.target_ci_error(vpd.probe_ci(dec, truth["probes"])["linear2"], ("identity", 5), tol=0.3) == 0
+    for figure in ("ci_probes.png", "features.png", "training.png"):
+        assert os.path.exists(tmp_path / figure)
+    # the toy edit (notebooks/tms_method.py) on this decomposition: rescaling feature 0's subcomponent moves feature
+    # 0's output alone; its trained scalar leaves inputs without feature 0 as they were, however few examples it
+    # saw, unlike a rank-1 LoRA on the same matrix
+    plain, dec, comps, _, _ = vpd.load_decomposition(str(tmp_path / "ckpt.pt"))
+    key = f"linear1:{vpd.toy_feature_metrics(plain.linear1.weight, dec.comps['linear1'])[2][0].item()}"
+    probes = 0.75 * torch.eye(5)
+    with torch.no_grad():
+        before = plain(probes)
+        for m in (0.0, 2.0):
+            with edit.applied(edit.ScalarEdit(comps, [key], init=m), plain):
+                moved = plain(probes) - before
+            assert (moved[0, 0] < -0.3 if m == 0 else moved[0, 0] > 0.3) and moved[1:].abs().max() < 0.1
+    x = get_batch("val", 0)[0]
+    x_remove, has_0 = x[x[:, 0] > 0][:4], x[:, 0] > 0
+    for n in (1, 4):
+        hurt = {}
+        for kind, ed in (("scalar", edit.ScalarEdit(comps, [key])), ("lora", edit.LoRA(plain, ["linear1"], 1, n))):
+            opt = torch.optim.Adam(ed.parameters(), lr=0.05)
+            for _ in range(100):  # drive feature 0's output to 0 on n examples with feature 0, nothing else
+                with edit.applied(ed, plain):
+                    loss = plain(x_remove[:n])[:, 0].pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                with edit.applied(ed, plain):
+                    after = plain(x[~has_0])
+                hurt[kind] = (after - plain(x[~has_0])).pow(2).mean().item()
+        assert hurt["scalar"] < 1e-3 and hurt["scalar"] < hurt["lora"]
+
+
+# -- §6 metrics ----------------------------------------------------------------------------------------------
 
 def test_evaluation_averages_its_batches():
     dec, cfg = decomposition(eval_adv_steps=[], eval_batches=2)
@@ -375,8 +599,6 @@ def test_evaluation_averages_its_batches():
     for key in ("recon/ci", "recon/ones", "l0/0", "l0/2"):
         assert metrics[key] == pytest.approx((each[0][key] + each[1][key]) / 2, rel=1e-5)
 
-
-# -- metrics ------------------------------------------------------------------------------------------
 
 def test_target_ci_error_patterns():
     perfect = torch.zeros(3, 5)
@@ -466,7 +688,62 @@ def test_mmcs_ml2r_of_an_exact_decomposition():
     assert mmcs == pytest.approx(1.0) and ml2r == pytest.approx(2.0)
 
 
-# -- §7 attribution graphs ------------------------------------------------------------------------------
+def test_lm_metrics_on_hand_built_masks():
+    model, tcfg = tiny_lm()
+    reference = copy.deepcopy(model)
+    dec = vpd.Decomposition(model, lm_config())
+    x, y = models.token_batches(tcfg, 4, seed=0)("val", 0)
+    with torch.no_grad():
+        target_out = dec(x)
+        ones = {n: (torch.ones(4, 8, c.V.shape[1]), torch.ones(4, 8)) for n, c in dec.comps.items()}
+        out = dec.masked(x, ones)
+    assert vpd.recon_loss(out, target_out, "kl").item() == pytest.approx(0.0, abs=1e-6)
+    metrics, _ = vpd.evaluate_batch(dec, x, y, lm_config(eval_adv_steps=[0, 5]))
+    with torch.no_grad():  # zero masks with δ = 0: the decomposed matrices contribute nothing
+        for name, mod in reference.named_modules():
+            if any(fnmatch.fnmatchcase(name, p) for p in LM_MODULES):
+                mod.weight.zero_()
+        zero_ablated = reference(x)
+    assert metrics["ce/zero"] == pytest.approx(vpd.lm_ce(zero_ablated, y), rel=1e-5)
+    assert metrics["ce/target"] == pytest.approx(vpd.lm_ce(target_out, y), rel=1e-6)
+    assert metrics["recon/adv5"] >= metrics["recon/adv0"]
+    assert set(k for k in metrics if k.startswith("l0/")) == {f"l0/{n}" for n in dec.comps}
+    # under bf16 autocast (as training on CUDA): the same metrics, to bf16 precision
+    with torch.autocast("cpu", torch.bfloat16):
+        bf16, _ = vpd.evaluate_batch(dec, x, y, lm_config(eval_adv_steps=[0, 5]))
+    assert bf16.keys() == metrics.keys()
+    assert bf16["ce/zero"] == pytest.approx(metrics["ce/zero"], rel=0.02)
+    assert bf16["ce/ones"] == pytest.approx(metrics["ce/ones"], rel=0.02)
+
+
+def test_no_evaluation_adversary_when_eval_adv_steps_is_empty(tmp_path):
+    cfg, tcfg, model = toy_run(tmp_path, eval_adv_steps=[], steps=10, eval_interval=10)
+    metrics = vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed))
+    assert "recon/ci" in metrics and not any(k.startswith("recon/adv") for k in metrics)
+
+
+def test_a_toy_decomposed_in_part_is_scored_on_its_decomposed_matrices(tmp_path):
+    cfg, tcfg, model = toy_run(tmp_path, steps=10, modules={"linear2": 6})
+    truth = models.toy_truth(tcfg, model, "cpu")
+    metrics = vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed), truth)
+    assert "ci_error/linear2" in metrics and "ci_error/linear1" not in metrics and "mmcs" not in metrics
+    assert metrics["ci_error/total"] == metrics["ci_error/linear2"] and os.path.exists(tmp_path / "run" / "ci_probes.png")
+
+
+def test_evaluation_leaves_autocast_as_it_found_it():
+    """A bf16 run evaluates under its autocast; afterwards autocast must be off again, or every later
+    backward (and the fp32 Δ of L_faith) would run in bf16. (A torch.autocast entered twice, nested, stayed
+    on.) On a CPU autocast object, as CUDA's is not available here."""
+    dec, cfg = decomposition(eval_adv_steps=[2])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    vpd.evaluate(dec, lambda split, i: (torch.randn(8, 4), None), cfg, autocast=autocast)
+    assert not torch.is_autocast_enabled("cpu")
+    with dec.cast_once(autocast), autocast:  # what evaluate does: the casts are bf16 inside
+        assert dec.comps["0"].cast[0].dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu") and dec.comps["0"].cast is None
+
+
+# -- §7 attribution graphs -----------------------------------------------------------------------------------
 
 class ResidualPair(nn.Module):
     """Two decomposed matrices in a row with tanh between them and a residual around the first (no attention):
@@ -561,59 +838,92 @@ def test_optimised_ci_prunes_without_losing_the_label_and_faithfulness_reads_the
     assert vpd.faithfulness(dec, x, label, ones)["adversarial"] == pytest.approx(vpd.faithfulness(dec, x, label, ones)["ci"])
 
 
-# -- the configurator ---------------------------------------------------------------------------------
+# -- Appendix A: data parallelism, two gloo processes --------------------------------------------------------
 
-def test_configurator(tmp_path):
-    path = tmp_path / "c.py"
-    path.write_text("import math\nlr = 3e-4\nsteps = 7\nmodules = {'h.*.mlp': 8}\n_private = 1\n")
-    cfg, tcfg = vpd.configure([str(path), "--imp_coeff=1", "--eval_adv_steps=[20, 40]", "--out_dir=a=b/c",
-                               "--n_features=40", "--compile=True"], vpd.Config(), models.TargetConfig())
-    assert (cfg.lr, cfg.steps, cfg.modules, cfg.out_dir) == (3e-4, 7, {"h.*.mlp": 8}, "a=b/c")
-    assert cfg.imp_coeff == 1.0 and isinstance(cfg.imp_coeff, float)  # an int is fine for a float key
-    assert cfg.eval_adv_steps == [20, 40] and tcfg.n_features == 40 and cfg.compile is True
-    (cfg,) = vpd.configure(["--steps=9", str(path)], vpd.Config())  # an override wins wherever it stands
-    assert (cfg.steps, cfg.lr) == (9, 3e-4)
-    path.write_text("from math import sqrt\nlr = sqrt(4e-6)\n")  # imported names are not keys
-    (cfg,) = vpd.configure([str(path), "--out_dir=2024"], vpd.Config())  # a string key keeps its text
-    assert cfg.lr == pytest.approx(2e-3) and cfg.out_dir == "2024"
-
-
-def test_configurator_errors(tmp_path):
-    with pytest.raises(SystemExit, match="unknown config key 'imp_coef'.*did you mean 'imp_coeff'"):
-        vpd.configure(["--imp_coef=1"], vpd.Config())
-    with pytest.raises(SystemExit, match="'steps' .* takes an int"):
-        vpd.configure(["--steps=1.5"], vpd.Config())
-    with pytest.raises(SystemExit, match="does not exist"):
-        vpd.configure([str(tmp_path / "missing.py")], vpd.Config())
-    bad = tmp_path / "bad.py"
-    bad.write_text("ci_hiden = 3\n")
-    with pytest.raises(SystemExit, match=f"unknown config key 'ci_hiden' in {bad}.*'ci_hidden'"):
-        vpd.configure([str(bad)], vpd.Config())
-    with pytest.raises(SystemExit, match="expected --key=value"):
-        vpd.configure(["--steps"], vpd.Config())
-    for wrong in ("--steps=None", "--compile=false", "--modules={[]: 1}"):  # None only where it is the default
-        with pytest.raises(SystemExit, match="takes a"):
-            vpd.configure([wrong], vpd.Config())
-    assert vpd.configure(["--compile=None"], vpd.Config())[0].compile is None
-
-
-# -- training, checkpoints, resume --------------------------------------------------------------------
-
-def toy_run(tmp_path, **overrides):
-    tcfg = models.TargetConfig(target_steps=300)
-    cfg = vpd.Config(**{**dict(out_dir=str(tmp_path / "run"), device="cpu", steps=20, batch_size=64, eval_interval=10,
-                               ckpt_interval=10, log_interval=1, faith_warmup_steps=5), **overrides})
-    target_path = tmp_path / "target.pt"
-    if not target_path.exists():
-        models.train_target(tcfg, str(target_path))
-    model = models.build_model(tcfg)
-    model.load_state_dict(torch.load(target_path, weights_only=True))
-    return cfg, tcfg, model
+def _ddp_step(rank, world, init_file, out_file):
+    """One training step's losses and synchronised gradients on this process's half of a batch. The
+    random draws are replaced by a constant so that 1 and 2 processes see the same masks."""
+    import torch.distributed as dist
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    real_rand = torch.rand
+    torch.rand = lambda *size, **kw: torch.full(size[0] if len(size) == 1 and not isinstance(size[0], int) else size,
+                                                0.5, device=kw.get("device"))
+    try:
+        model, tcfg = tiny_lm()
+        cfg = lm_config(routing="all")
+        torch.manual_seed(0)
+        dec = vpd.Decomposition(model, cfg)
+        x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
+        x = x[rank * 4 // world:(rank + 1) * 4 // world]
+        losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, p=1.5, adv_lr=0.01)
+        total = sum(losses.values())
+        total.backward()
+        params = [p for p in dec.parameters() if p.requires_grad]
+        vpd.sync_gradients(params)
+        if world > 1:
+            dist.all_reduce(total.detach_())
+            total /= world
+        if rank == 0:
+            torch.save({"total": total, "grads": [p.grad for p in params]}, out_file)
+    finally:
+        torch.rand = real_rand
+        if world > 1:
+            dist.barrier()  # neither process tears down its gloo pairs while the other still uses them
+            dist.destroy_process_group()
 
 
-def train_losses(path):
-    return [r for r in map(json.loads, open(path)) if "total" in r]
+def test_two_process_gloo_equals_one_process_on_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+    _ddp_step(0, 1, None, tmp_path / "one.pt")
+    mp.spawn(_ddp_step, args=(2, str(tmp_path / "init"), tmp_path / "two.pt"), nprocs=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert two["total"].item() == pytest.approx(one["total"].item(), rel=1e-5)
+    for g1, g2 in zip(one["grads"], two["grads"]):
+        torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-4)
 
+
+def _ddp_train(rank, world, init_file, tmp_path):
+    """Two processes train: a whole run, then the same run crashing after its checkpoint, then resumed."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        runs = {name: toy_run(tmp_path, out_dir=str(tmp_path / name), steps=6, ckpt_interval=3, eval_interval=6,
+                              grad_clip=0.01) for name in ("whole", "crash", "resumed")}
+        get_batch = models.sparse_features(runs["whole"][1], 64, 0, rank=rank)
+        def crashing(split, step):
+            if split == "train" and step == 4:
+                raise KeyboardInterrupt
+            return get_batch(split, step)
+        vpd.train(runs["whole"][0], runs["whole"][2], get_batch)
+        with pytest.raises(KeyboardInterrupt):
+            vpd.train(runs["crash"][0], runs["crash"][2], crashing)
+        cfg, _, model = runs["resumed"]
+        cfg.out_dir, cfg.init_from = runs["crash"][0].out_dir, "resume"
+        vpd.train(cfg, model, get_batch)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_training_resumes_exactly_with_each_rank_its_own_noise(tmp_path):
+    import torch.multiprocessing as mp
+    toy_run(tmp_path)  # trains the target once, before the processes share it
+    mp.spawn(_ddp_train, args=(2, str(tmp_path / "init"), tmp_path), nprocs=2)
+    whole, resumed = (train_losses(tmp_path / d / "metrics.jsonl") for d in ("whole", "crash"))
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(whole, resumed):  # the logged losses are means over both processes
+        assert {k: a[k] for k in ("imp", "stoch", "adv", "total")} == {k: b[k] for k in ("imp", "stoch", "adv", "total")}
+    evals = [r for r in map(json.loads, open(tmp_path / "crash" / "metrics.jsonl")) if "recon/ci" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 6
+    ckpt0 = torch.load(tmp_path / "crash" / "ckpt.pt", weights_only=True)
+    ckpt1 = torch.load(tmp_path / "crash" / "ckpt_rank1.pt", weights_only=True)
+    assert ckpt0["step"] == ckpt1["step"] == 6
+    # each rank drew its own adversary (and masks): the persistent sources differ between the ranks
+    assert not torch.equal(ckpt0["adversary"]["sources"], ckpt1["adversary"]["sources"])
+    assert not torch.equal(ckpt0["rng"]["cpu"], ckpt1["rng"]["cpu"])
+
+
+# -- Appendix B: checkpoints, resume, and Goodfire's decompositions imported ---------------------------------
 
 def test_checkpoint_contents_and_resume_equality(tmp_path, monkeypatch):
     cfg, tcfg, model = toy_run(tmp_path, grad_clip=0.01)
@@ -647,34 +957,6 @@ def test_checkpoint_contents_and_resume_equality(tmp_path, monkeypatch):
                {k: b[k] for k in ("faith", "imp", "stoch", "adv", "total")}, a["step"]
 
 
-def test_evaluation_does_not_change_the_training_run(tmp_path):
-    runs = []
-    for every in (0, 4):  # evaluation draws random masks: from its own stream, so the losses stay the same
-        cfg, tcfg, model = toy_run(tmp_path, out_dir=str(tmp_path / f"eval{every}"), eval_interval=every, steps=12)
-        vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed), None)
-        runs.append([{k: r[k] for k in ("faith", "imp", "stoch", "adv")}
-                     for r in train_losses(os.path.join(cfg.out_dir, "metrics.jsonl"))])
-    assert len(runs[0]) == 12 and runs[0] == runs[1]
-
-
-def test_no_evaluation_adversary_when_eval_adv_steps_is_empty(tmp_path):
-    cfg, tcfg, model = toy_run(tmp_path, eval_adv_steps=[], steps=10, eval_interval=10)
-    metrics = vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed))
-    assert "recon/ci" in metrics and not any(k.startswith("recon/adv") for k in metrics)
-
-
-def test_tied_matrices_stay_transposes_of_each_other(tmp_path):
-    """TMS's linear2 weight is linear1's transposed; tied, linear2's V, U must remain linear1's U, V
-    transposed through the warm-up, AdamW with clipping and the adversary, bit for bit."""
-    cfg, tcfg, model = toy_run(tmp_path, tie={"linear2": "linear1"}, grad_clip=0.1, eval_interval=0)
-    vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed), None)
-    comps = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)["components"]
-    assert torch.equal(comps["linear2"]["V"], comps["linear1"]["U"].T)
-    assert torch.equal(comps["linear2"]["U"], comps["linear1"]["V"].T)
-    with pytest.raises(ValueError, match="transposed"):  # linear1 is not linear2 transposed with different C
-        vpd.Decomposition(toy_run(tmp_path)[2], dataclasses.replace(cfg, modules={"linear1": 20, "linear2": 10}))
-
-
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
     cfg, tcfg, model = toy_run(tmp_path, init_from="resume")
     get_batch = models.sparse_features(tcfg, cfg.batch_size, cfg.seed)
@@ -685,13 +967,6 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
         f.write(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="corrupt"):
         vpd.train(cfg, toy_run(tmp_path)[2], get_batch)
-
-
-def test_nan_loss_is_a_clear_error(tmp_path):
-    cfg, tcfg, model = toy_run(tmp_path)
-    get_batch = models.sparse_features(tcfg, cfg.batch_size, cfg.seed)
-    with pytest.raises(FloatingPointError, match="loss is nan.*no checkpoint was written yet"):
-        vpd.train(cfg, model, lambda split, step: (get_batch(split, step)[0] * float("nan"), None))
 
 
 def test_resuming_with_another_C_or_a_finished_run(tmp_path, capsys):
@@ -712,43 +987,6 @@ def test_resuming_with_another_C_or_a_finished_run(tmp_path, capsys):
         vpd.load_checkpoint(str(tmp_path / "foreign.pt"))
     with pytest.raises(ValueError, match="tie 'linear2' -> 'hidden': both must be decomposed"):
         vpd.Decomposition(toy_run(tmp_path)[2], dataclasses.replace(cfg, tie={"linear2": "hidden"}))
-
-
-def test_a_toy_decomposed_in_part_is_scored_on_its_decomposed_matrices(tmp_path):
-    cfg, tcfg, model = toy_run(tmp_path, steps=10, modules={"linear2": 6})
-    truth = models.toy_truth(tcfg, model, "cpu")
-    metrics = vpd.train(cfg, model, models.sparse_features(tcfg, cfg.batch_size, cfg.seed), truth)
-    assert "ci_error/linear2" in metrics and "ci_error/linear1" not in metrics and "mmcs" not in metrics
-    assert metrics["ci_error/total"] == metrics["ci_error/linear2"] and os.path.exists(tmp_path / "run" / "ci_probes.png")
-
-
-def test_configurations_that_would_fail_at_the_first_evaluation_fail_before_training(tmp_path):
-    tcfg = models.TargetConfig(identity_layer=True)  # TMS 5-2-id: its hidden layer is a dense block of 2
-    model = models.build_model(tcfg)
-    cfg = vpd.Config(modules={"linear1": 6, "hidden": 1, "linear2": 6}, out_dir=str(tmp_path), device="cpu", steps=2)
-    with pytest.raises(ValueError, match="hidden should use a dense block of 2 subcomponents, more than its C = 1"):
-        vpd.train(cfg, model, models.sparse_features(tcfg, 16, 0), models.toy_truth(tcfg, model, "cpu"))
-    with pytest.raises(ValueError, match="eval_batches must be at least 1"):
-        vpd.Decomposition(tiny_mlp(), vpd.Config(modules={"0": 2}, eval_batches=0))
-    # CE unrecovered where zero-ablating the matrices costs nothing (one key: attention weights are 1)
-    lm, ltcfg = tiny_lm()
-    lcfg = lm_config(modules={"h.*.attn.q_proj": 4}, eval_adv_steps=[])
-    dec = vpd.Decomposition(lm, lcfg)
-    metrics = vpd.evaluate(dec, models.token_batches(dataclasses.replace(ltcfg, seq_len=1), 4, seed=0), lcfg)
-    assert metrics["ce/zero"] == metrics["ce/target"] and math.isnan(metrics["ce_unrecovered/ci"])
-
-
-def test_evaluation_leaves_autocast_as_it_found_it():
-    """A bf16 run evaluates under its autocast; afterwards autocast must be off again, or every later
-    backward (and the fp32 Δ of L_faith) would run in bf16. (A torch.autocast entered twice, nested, stayed
-    on.) On a CPU autocast object, as CUDA's is not available here."""
-    dec, cfg = decomposition(eval_adv_steps=[2])
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    vpd.evaluate(dec, lambda split, i: (torch.randn(8, 4), None), cfg, autocast=autocast)
-    assert not torch.is_autocast_enabled("cpu")
-    with dec.cast_once(autocast), autocast:  # what evaluate does: the casts are bf16 inside
-        assert dec.comps["0"].cast[0].dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
-    assert not torch.is_autocast_enabled("cpu") and dec.comps["0"].cast is None
 
 
 def test_resumes_that_change_the_run_or_find_its_last_evaluation_lost(tmp_path, capsys):
@@ -812,58 +1050,274 @@ def test_resume_after_a_torn_log_line_with_another_batch_size_and_zero_intervals
     assert torch.load(os.path.join(cfg.out_dir, "ckpt.pt.prev"), weights_only=True)["step"] == 30
 
 
-def test_short_run_recovers_tms_5_2(tmp_path):
-    """configs/tms_5_2.py shortened to fit the suite (3k steps at batch 1024 and twice the rate, ~35-70 s on
-    2 cores; the full recipe runs 7k at 2048) finds one subcomponent per feature in both matrices with the
-    features' norms, and linear1's exact CI pattern. linear2's pattern is exact only after the full run
-    (0 / 0, RESULTS.md); here each feature's own subcomponent is on and the rest leak up to ~0.2 (seed 0:
-    4 or 5 of the 25 probe entries more than 0.1 off, depending on the machine's rounding), so linear2 is
-    checked at a tolerance of 0.3."""
-    cfg, tcfg = vpd.configure([os.path.join(os.path.dirname(__file__), "configs", "tms_5_2.py"),
-                               f"--out_dir={tmp_path}", f"--target_path={tmp_path}/target.pt", "--device='cpu'",
-                               "--steps=3000", "--batch_size=1024", "--lr=4e-3"],
-                              vpd.Config(), models.TargetConfig())
-    model, get_batch, truth = models.build(tcfg, cfg)
-    metrics = vpd.train(cfg, model, get_batch, truth)
-    assert metrics["mmcs"] > 0.999
-    assert abs(metrics["ml2r"] - 1) < 0.02
-    assert metrics["alive/linear1"] == 5 and metrics["alive/linear2"] == 5
-    assert metrics["ci_error/linear1"] == 0
-    dec = vpd.Decomposition(models.build(tcfg, cfg)[0], cfg)  # train() wrapped `model` in place
-    vpd.load_decomposition_state(dec, vpd.load_checkpoint(tmp_path / "ckpt.pt"))
-    assert vpd.target_ci_error(vpd.probe_ci(dec, truth["probes"])["linear2"], ("identity", 5), tol=0.3) == 0
-    for figure in ("ci_probes.png", "features.png", "training.png"):
-        assert os.path.exists(tmp_path / figure)
-    # the toy edit (notebooks/tms_method.py) on this decomposition: rescaling feature 0's subcomponent moves feature
-    # 0's output alone; its trained scalar leaves inputs without feature 0 as they were, however few examples it
-    # saw, unlike a rank-1 LoRA on the same matrix
-    plain, dec, comps, _, _ = vpd.load_decomposition(str(tmp_path / "ckpt.pt"))
-    key = f"linear1:{vpd.toy_feature_metrics(plain.linear1.weight, dec.comps['linear1'])[2][0].item()}"
-    probes = 0.75 * torch.eye(5)
-    with torch.no_grad():
-        before = plain(probes)
-        for m in (0.0, 2.0):
-            with edit.applied(edit.ScalarEdit(comps, [key], init=m), plain):
-                moved = plain(probes) - before
-            assert (moved[0, 0] < -0.3 if m == 0 else moved[0, 0] > 0.3) and moved[1:].abs().max() < 0.1
-    x = get_batch("val", 0)[0]
-    x_remove, has_0 = x[x[:, 0] > 0][:4], x[:, 0] > 0
-    for n in (1, 4):
-        hurt = {}
-        for kind, ed in (("scalar", edit.ScalarEdit(comps, [key])), ("lora", edit.LoRA(plain, ["linear1"], 1, n))):
-            opt = torch.optim.Adam(ed.parameters(), lr=0.05)
-            for _ in range(100):  # drive feature 0's output to 0 on n examples with feature 0, nothing else
-                with edit.applied(ed, plain):
-                    loss = plain(x_remove[:n])[:, 0].pow(2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                with edit.applied(ed, plain):
-                    after = plain(x[~has_0])
-                hurt[kind] = (after - plain(x[~has_0])).pow(2).mean().item()
-        assert hurt["scalar"] < 1e-3 and hurt["scalar"] < hurt["lora"]
+# Goodfire's saved decompositions, written with their key names and shapes (vpd.import_goodfire's docstring)
+TINY_GOODFIRE = dict(n_layers=2, d_model=16, n_heads=2, d_mlp=32, vocab=32, C={"q": 4, "k": 4, "v": 6, "o": 6, "c_fc": 8,
+                     "down_proj": 10}, ci_d_model=16, ci_blocks=2, ci_heads=2, ci_mlp=32)
 
+PILE4L_GOODFIRE = dict(n_layers=4, d_model=768, n_heads=6, d_mlp=3072, vocab=50277, C={"q": 512, "k": 512, "v": 1024,
+                       "o": 1024, "c_fc": 3072, "down_proj": 3584}, ci_d_model=2048, ci_blocks=8, ci_heads=16, ci_mlp=8192)
+
+
+def write_goodfire_run(directory, n_layers, d_model, n_heads, d_mlp, vocab, C, ci_d_model, ci_blocks, ci_heads, ci_mlp,
+                       step=400_000, legacy=True, seed=0):
+    """A Goodfire run directory with random weights: model_<step>.pth (target_model.*, _components.*, the global CI
+    transformer's ci_fn._global_ci_fn.*, their Linear's W stored [in, out]) and final_config.yaml (legacy) or
+    run_meta.yaml. At PILE4L_GOODFIRE's sizes, the stand-in for run s-55ea3f9b:
+    python -c "import test_vpd as t; t.write_goodfire_run('out/standin', **t.PILE4L_GOODFIRE)" """
+    import yaml
+    os.makedirs(directory, exist_ok=True)
+    torch.manual_seed(seed)
+    target = models.LlamaSimpleMLP(vocab, d_model, n_layers, n_heads, d_mlp)
+    sd = {f"target_model.{k}": v for k, v in target.state_dict().items()}
+    paths = {f"h.{i}.{kind}": (C[name], *target.get_submodule(f"h.{i}.{kind}").weight.shape[::-1])
+             for i in range(n_layers) for name, kind in (("q", "attn.q_proj"), ("k", "attn.k_proj"), ("v", "attn.v_proj"),
+                                                         ("o", "attn.o_proj"), ("c_fc", "mlp.c_fc"), ("down_proj", "mlp.down_proj"))}
+    for path, (c, d_in, d_out) in paths.items():
+        sd[f"_components.{path.replace('.', '-')}.V"] = torch.randn(d_in, c) / d_in ** 0.5
+        sd[f"_components.{path.replace('.', '-')}.U"] = torch.randn(c, d_out) / c ** 0.5
+    ci = {"_input_projector.W": torch.randn(sum(d for _, d, _ in paths.values()), ci_d_model) * 0.02,
+          "_input_projector.b": torch.randn(ci_d_model) * 0.1,
+          "_output_head.W": torch.randn(ci_d_model, sum(c for c, _, _ in paths.values())) * 0.1,
+          "_output_head.b": torch.randn(sum(c for c, _, _ in paths.values())) * 0.2}
+    head = ci_d_model // ci_heads
+    for i in range(ci_blocks):
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            ci[f"_blocks.{i}.attn.{n}.weight"] = torch.randn(ci_d_model, ci_d_model) * ci_d_model ** -0.5
+        ci[f"_blocks.{i}.attn.rope.inv_freq"] = 1 / 10000 ** (torch.arange(0, head, 2).float() / head)
+        ci[f"_blocks.{i}.mlp.0.W"], ci[f"_blocks.{i}.mlp.0.b"] = torch.randn(ci_d_model, ci_mlp) * ci_d_model ** -0.5, torch.randn(ci_mlp) * 0.3
+        ci[f"_blocks.{i}.mlp.2.W"], ci[f"_blocks.{i}.mlp.2.b"] = torch.randn(ci_mlp, ci_d_model) * ci_mlp ** -0.5, torch.randn(ci_d_model) * 0.3
+    sd |= {f"ci_fn._global_ci_fn.{k}": v for k, v in ci.items()}
+    torch.save(sd, os.path.join(directory, f"model_{step}.pth"))
+    ci_config = {"mode": "global", "fn_type": "global_shared_transformer", "hidden_dims": None, "reader_hidden_dims": None,
+                 "simple_transformer_ci_cfg": {"d_model": ci_d_model, "n_blocks": ci_blocks, "mlp_hidden_dim": [ci_mlp],
+                                               "attn_config": {"n_heads": ci_heads, "max_len": 512, "rope_base": 10000.0}}}
+    patterns = [{"module_pattern": f"h.*.{kind}", "C": C[name]} for name, kind in
+                (("c_fc", "mlp.c_fc"), ("down_proj", "mlp.down_proj"), ("q", "attn.q_proj"), ("k", "attn.k_proj"),
+                 ("v", "attn.v_proj"), ("o", "attn.o_proj"))]
+    data = {"max_seq_len": 512, "dataset_name": "danbraunai/pile-uncopyrighted-tok-shuffled"}
+    if legacy:
+        meta = {"ci_config": ci_config, "sigmoid_type": "leaky_hard", "module_info": patterns, "identity_module_info": None,
+                "use_delta_component": True, "steps": step, "batch_size": 64, "task_config": {"task_name": "lm", **data},
+                "pretrained_model_class": "spd.pretrain.models.llama_simple_mlp.LlamaSimpleMLP",
+                "pretrained_model_name": "goodfire/spd/runs/t-9d2b8f02"}
+    else:
+        meta = {"pd": {"ci_config": ci_config, "sigmoid_type": "leaky_hard", "decomposition_targets": patterns,
+                       "identity_decomposition_targets": None, "use_delta_component": True, "steps": step, "batch_size": 64},
+                "target": {"spec": {"kind": "pretrained", "run_path": "goodfire/spd/runs/t-9d2b8f02",
+                                    "model_class": "param_decomp_lab.experiments.lm.pretrain.models.llama_simple_mlp.LlamaSimpleMLP"}},
+                "data": data}
+    with open(os.path.join(directory, "final_config.yaml" if legacy else "run_meta.yaml"), "w") as f:
+        yaml.safe_dump(meta, f)
+    return sd
+
+
+def goodfire_ci(ci: dict, inputs: dict, n_heads: int):
+    """Pre-sigmoid CI of Goodfire's global shared transformer, written independently of vpd.CITransformer from their
+    code: inputs RMS-normed per matrix without weight and concatenated in sorted path order, x @ W + b projections,
+    pre-norm blocks with parameter-free RMSNorm, separate q/k/v/out projections, RoPE (half-split, whole head, from
+    the saved inv_freq) on q and k, bidirectional attention, exact GELU MLP with biases, no final norm."""
+    x = torch.cat([F.rms_norm(inputs[p], (inputs[p].shape[-1],)) for p in sorted(inputs)], -1)
+    x = x @ ci["_input_projector.W"] + ci["_input_projector.b"]
+    B, T, D = x.shape
+    dh, i = D // n_heads, 0
+    while f"_blocks.{i}.attn.q_proj.weight" in ci:
+        b = f"_blocks.{i}."
+        q, k, v = (F.linear(F.rms_norm(x, (D,)), ci[f"{b}attn.{n}_proj.weight"]).view(B, T, n_heads, dh).transpose(1, 2)
+                   for n in "qkv")
+        angle = torch.arange(T)[:, None] * ci[b + "attn.rope.inv_freq"]
+        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+        rotate = lambda t: t * cos + torch.cat([-t[..., dh // 2:], t[..., :dh // 2]], -1) * sin
+        mixed = torch.softmax(rotate(q) @ rotate(k).transpose(-1, -2) / dh ** 0.5, -1) @ v
+        x = x + F.linear(mixed.transpose(1, 2).reshape(B, T, D), ci[b + "attn.out_proj.weight"])
+        h = F.gelu(F.rms_norm(x, (D,)) @ ci[b + "mlp.0.W"] + ci[b + "mlp.0.b"])
+        x, i = x + h @ ci[b + "mlp.2.W"] + ci[b + "mlp.2.b"], i + 1
+    return x @ ci["_output_head.W"] + ci["_output_head.b"]
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_goodfire_decomposition_imports_and_gives_their_ci(tmp_path, legacy):
+    """A Goodfire run (their keys and shapes, either yaml) becomes a checkpoint that load_decomposition reads: the
+    same target, the same V and U, and the CI of their transformer to 1e-5, computed independently (goodfire_ci).
+    Keeping our final norm or dropping their MLP biases changes the CI (what the two config options are for)."""
+    import yaml
+    theirs = write_goodfire_run(tmp_path / "run", **TINY_GOODFIRE, legacy=legacy)
+    with pytest.raises(ValueError, match="pass --n_heads"):
+        vpd.import_goodfire(str(tmp_path / "run"), str(tmp_path / "ours"))
+    (tmp_path / "run" / "model_config.yaml").write_text(yaml.safe_dump({"n_head": 2, "n_layer": 2}))  # the target run's
+    vpd.main(["import", str(tmp_path / "run"), str(tmp_path / "ours")])
+    target, dec, comps, tcfg, cfg = vpd.load_decomposition(str(tmp_path / "ours" / "ckpt.pt"))
+    assert (tcfg.n_layers, tcfg.d_model, tcfg.n_heads, tcfg.vocab_size, cfg.ci_d_mlp, cfg.steps) == (2, 16, 2, 32, 32, 400_000)
+    assert cfg.modules["h.*.mlp.down_proj"] == 10 and not cfg.ci_final_norm and cfg.ci_mlp_bias
+    assert torch.equal(comps["h.1.mlp.c_fc"]["V"], theirs["_components.h-1-mlp-c_fc.V"])
+    assert all(torch.equal(v, theirs[f"target_model.{k}"]) for k, v in target.state_dict().items())
+    x = torch.randint(32, (3, 8), generator=torch.Generator().manual_seed(0))
+    ci_sd = {k.removeprefix("ci_fn._global_ci_fn."): v for k, v in theirs.items() if k.startswith("ci_fn.")}
+    with torch.no_grad():
+        dec(x)
+        ours = dec.causal_importance()[0]
+        pre = goodfire_ci(ci_sd, {n: c.input for n, c in dec.comps.items()}, 2)
+    torch.testing.assert_close(ours, pre.clamp(0, 1), atol=1e-5, rtol=0)  # the lower-leaky sigmoid's forward
+    assert 0.05 < (ours > 0).float().mean() < 0.95                        # a CI with both on and off entries
+    ckpt = vpd.load_checkpoint(str(tmp_path / "ours" / "ckpt.pt"), ("config", "components", "target", "ci_fn"))
+    for change in ({"ci_final_norm": True}, {"ci_mlp_bias": False}):
+        other = vpd.Decomposition(models.build_model(tcfg), dataclasses.replace(cfg, **change))
+        other.ci_fn.load_state_dict(ckpt["ci_fn"], strict=False)  # our norm's weight (ones), or no biases
+        vpd.load_decomposition_state(other, {**ckpt, "ci_fn": other.ci_fn.state_dict()})
+        with torch.no_grad():
+            other(x)
+            assert (other.causal_importance()[0] - ours).abs().max() > 1e-2
+
+
+def test_goodfire_import_refuses_what_it_cannot_read(tmp_path, monkeypatch):
+    import yaml
+    with pytest.raises(FileNotFoundError, match="should hold Goodfire's model_<step>.pth and final_config.yaml"):
+        vpd.import_goodfire(str(tmp_path), str(tmp_path / "ours"), n_heads=2)
+    write_goodfire_run(tmp_path / "run", **TINY_GOODFIRE)
+    meta = yaml.safe_load(open(tmp_path / "run" / "final_config.yaml"))
+    for key, value, named in (("sigmoid_type", "normal", "sigmoid_type normal"),
+                              ("ci_config", {**meta["ci_config"], "mode": "layerwise", "fn_type": "mlp"}, "ci_config.fn_type mlp"),
+                              ("pretrained_model_class", "transformers.GPT2LMHeadModel", "target class transformers.GPT2")):
+        with open(tmp_path / "run" / "final_config.yaml", "w") as f:
+            yaml.safe_dump({**meta, key: value}, f)
+        with pytest.raises(ValueError, match=f"not supported here: {re.escape(named)}"):
+            vpd.import_goodfire(str(tmp_path / "run"), str(tmp_path / "ours"), n_heads=2)
+    with open(tmp_path / "run" / "final_config.yaml", "w") as f:  # a config whose C disagrees with the weights
+        yaml.safe_dump({**meta, "module_info": [{**m, "C": m["C"] + 1} for m in meta["module_info"]]}, f)
+    with pytest.raises(ValueError, match="its components do not fit the translated config"):
+        vpd.import_goodfire(str(tmp_path / "run"), str(tmp_path / "ours"), n_heads=2)
+    assert not os.path.exists(tmp_path / "ours" / "ckpt.pt")             # nothing written
+    # a W&B path: the local copy of an earlier download, without asking W&B
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(SystemExit, match="pip install wandb"):
+        vpd.import_goodfire("wandb:goodfire/spd/runs/s-55ea3f9b", "ours", n_heads=2)
+    write_goodfire_run(tmp_path / "out" / "goodfire" / "spd-s-55ea3f9b", **TINY_GOODFIRE)
+    assert vpd.import_goodfire("wandb:goodfire/spd/runs/s-55ea3f9b", "ours", n_heads=2) == os.path.join("ours", "ckpt.pt")
+    with pytest.raises(SystemExit, match="usage: python vpd.py import"):
+        vpd.main(["import", "run-only"])
+    # what the importer checks rather than trusts: RoPE frequencies, the target run's own config; and their
+    # default MLP width (mlp_hidden_dim null: 4 d_model) is read as such
+    theirs = write_goodfire_run(tmp_path / "null", **{**TINY_GOODFIRE, "ci_mlp": 64})
+    meta = yaml.safe_load(open(tmp_path / "null" / "final_config.yaml"))
+    meta["ci_config"]["simple_transformer_ci_cfg"]["mlp_hidden_dim"] = None
+    (tmp_path / "null" / "final_config.yaml").write_text(yaml.safe_dump(meta))
+    ckpt = vpd.load_checkpoint(vpd.import_goodfire(str(tmp_path / "null"), "ours", n_heads=2), ("config",))
+    assert ckpt["config"]["ci_d_mlp"] == 64
+    (tmp_path / "null" / "model_config.yaml").write_text(yaml.safe_dump({"n_head": 4}))
+    with pytest.raises(ValueError, match="--n_heads=2, but .* says n_head 4"):
+        vpd.import_goodfire(str(tmp_path / "null"), "ours", n_heads=2)
+    (tmp_path / "null" / "model_config.yaml").write_text(yaml.safe_dump({"n_head": 2, "rotary_adjacent_pairs": True}))
+    with pytest.raises(ValueError, match="a target models.LlamaSimpleMLP is not: {'rotary_adjacent_pairs': True}"):
+        vpd.import_goodfire(str(tmp_path / "null"), "ours")
+    os.remove(tmp_path / "null" / "model_config.yaml")
+    theirs["ci_fn._global_ci_fn._blocks.1.attn.rope.inv_freq"] *= 1.01
+    torch.save(theirs, tmp_path / "null" / "model_400000.pth")
+    with pytest.raises(ValueError, match="block 1's RoPE frequencies are not base 1e4's"):
+        vpd.import_goodfire(str(tmp_path / "null"), "ours", n_heads=2)
+
+
+# -- Appendix C: before training: fail fast, the memory plan, the FLOPs of a step ----------------------------
+
+def test_configurations_that_would_fail_at_the_first_evaluation_fail_before_training(tmp_path):
+    tcfg = models.TargetConfig(identity_layer=True)  # TMS 5-2-id: its hidden layer is a dense block of 2
+    model = models.build_model(tcfg)
+    cfg = vpd.Config(modules={"linear1": 6, "hidden": 1, "linear2": 6}, out_dir=str(tmp_path), device="cpu", steps=2)
+    with pytest.raises(ValueError, match="hidden: a dense block of 2 subcomponents needs C >= 2, got C = 1"):
+        vpd.train(cfg, model, models.sparse_features(tcfg, 16, 0), models.toy_truth(tcfg, model, "cpu"))
+    with pytest.raises(ValueError, match="eval_batches must be at least 1"):
+        vpd.Decomposition(tiny_mlp(), vpd.Config(modules={"0": 2}, eval_batches=0))
+    # CE unrecovered where zero-ablating the matrices costs nothing (one key: attention weights are 1)
+    lm, ltcfg = tiny_lm()
+    lcfg = lm_config(modules={"h.*.attn.q_proj": 4}, eval_adv_steps=[])
+    dec = vpd.Decomposition(lm, lcfg)
+    metrics = vpd.evaluate(dec, models.token_batches(dataclasses.replace(ltcfg, seq_len=1), 4, seed=0), lcfg)
+    assert metrics["ce/zero"] == metrics["ce/target"] and math.isnan(metrics["ce_unrecovered/ci"])
+
+
+def test_measure_step_counts_a_whole_step_and_the_log_shows_mfu(tmp_path, monkeypatch):
+    """The FLOPs of a step, counted on 1 and 2 sequences and extrapolated, are those counted on the whole batch
+    (losses, the adversary's inner steps, the backward); every log line has TFLOP/s and, given a peak, MFU."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, tcfg = tiny_lm()
+    cfg = lm_config()
+    dec = vpd.Decomposition(model, cfg)
+    x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
+    with FlopCounterMode(display=False) as counter:
+        losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, cfg.p_start, 0.0)
+        sum(losses.values()).backward()
+    dec.zero_grad(set_to_none=True)
+    activations, flops = vpd.measure_step(dec, cfg, x)
+    assert flops == counter.get_total_flops() > 0 and activations == 0  # a CPU keeps no allocator statistics
+    without_adversary = vpd.measure_step(dec, dataclasses.replace(cfg, adv_steps=0), x)[1]
+    assert without_adversary < counter.get_total_flops()
+    # the peak: the config's, else the GPU's by name (bf16 or fp32), else none
+    assert vpd.peak_tflops(vpd.Config(peak_tflops=500.0), torch.device("cpu")) == 500.0
+    assert vpd.peak_tflops(vpd.Config(), torch.device("cpu")) == 0.0
+    for name, dtype, peak in (("NVIDIA H100 80GB HBM3", "bfloat16", 989), ("NVIDIA H100 PCIe", "bfloat16", 756),
+                              ("NVIDIA A100-SXM4-80GB", "float32", 19.5), ("NVIDIA L40S", "bfloat16", 362),
+                              ("NVIDIA L4", "bfloat16", 121), ("Some Future GPU", "bfloat16", 0.0)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+        assert vpd.peak_tflops(vpd.Config(dtype=dtype), torch.device("cuda")) == peak, name
+    model, tcfg = tiny_lm()
+    cfg = lm_config(out_dir=str(tmp_path), steps=3, batch_size=4, log_interval=1, eval_interval=0, peak_tflops=0.5)
+    vpd.train(cfg, model, models.token_batches(tcfg, 4, seed=0))
+    records = train_losses(tmp_path / "metrics.jsonl")
+    assert len(records) == 3 and all(r["tflops"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / 0.5) for r in records)
+
+
+def test_memory_plan_stops_a_run_that_cannot_fit():
+    model, tcfg = tiny_lm()
+    cfg = lm_config(batch_size=4)
+    dec = vpd.Decomposition(model, cfg)
+    x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
+    vpd.measure_step(dec, cfg, x)  # the plan reads the positions per sample off the forward it ran
+    plan = vpd.memory_plan(dec, cfg, x, activations=12345)
+    ssc = sum(LM_MODULES.values()) * 2  # 2 layers
+    assert plan["adversary sources and moments"] == 12 * 4 * 8 * (ssc + 12)
+    assert plan["activations"] == 12345
+    assert plan["total"] == sum(v for k, v in plan.items() if k != "total")
+    vpd.check_memory(plan, torch.device("cpu"), cfg)  # tiny: fits
+    with pytest.raises(SystemExit, match="lower batch_size"):
+        vpd.check_memory({**plan, "activations": 2**50, "total": 2**50}, torch.device("cpu"), cfg)
+
+
+# -- Appendix E: the configurator ----------------------------------------------------------------------------
+
+def test_configurator(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("import math\nlr = 3e-4\nsteps = 7\nmodules = {'h.*.mlp': 8}\n_private = 1\n")
+    cfg, tcfg = vpd.configure([str(path), "--imp_coeff=1", "--eval_adv_steps=[20, 40]", "--out_dir=a=b/c",
+                               "--n_features=40", "--compile=True"], vpd.Config(), models.TargetConfig())
+    assert (cfg.lr, cfg.steps, cfg.modules, cfg.out_dir) == (3e-4, 7, {"h.*.mlp": 8}, "a=b/c")
+    assert cfg.imp_coeff == 1.0 and isinstance(cfg.imp_coeff, float)  # an int is fine for a float key
+    assert cfg.eval_adv_steps == [20, 40] and tcfg.n_features == 40 and cfg.compile is True
+    (cfg,) = vpd.configure(["--steps=9", str(path)], vpd.Config())  # an override wins wherever it stands
+    assert (cfg.steps, cfg.lr) == (9, 3e-4)
+    path.write_text("from math import sqrt\nlr = sqrt(4e-6)\n")  # imported names are not keys
+    (cfg,) = vpd.configure([str(path), "--out_dir=2024"], vpd.Config())  # a string key keeps its text
+    assert cfg.lr == pytest.approx(2e-3) and cfg.out_dir == "2024"
+
+
+def test_configurator_errors(tmp_path):
+    with pytest.raises(SystemExit, match="unknown config key 'imp_coef'.*did you mean 'imp_coeff'"):
+        vpd.configure(["--imp_coef=1"], vpd.Config())
+    with pytest.raises(SystemExit, match="'steps' .* takes an int"):
+        vpd.configure(["--steps=1.5"], vpd.Config())
+    with pytest.raises(SystemExit, match="does not exist"):
+        vpd.configure([str(tmp_path / "missing.py")], vpd.Config())
+    bad = tmp_path / "bad.py"
+    bad.write_text("ci_hiden = 3\n")
+    with pytest.raises(SystemExit, match=f"unknown config key 'ci_hiden' in {bad}.*'ci_hidden'"):
+        vpd.configure([str(bad)], vpd.Config())
+    with pytest.raises(SystemExit, match="expected --key=value"):
+        vpd.configure(["--steps"], vpd.Config())
+    for wrong in ("--steps=None", "--compile=false", "--modules={[]: 1}"):  # None only where it is the default
+        with pytest.raises(SystemExit, match="takes a"):
+            vpd.configure([wrong], vpd.Config())
+    assert vpd.configure(["--compile=None"], vpd.Config())[0].compile is None
+
+
+# -- models.py: targets and their data -----------------------------------------------------------------------
 
 def test_residual_mlp_configs_build_and_their_truth_names_decomposed_matrices(tmp_path):
     """configs/resid_mlp{1,2,3}.py: a fixed unit-norm embedding, residual ReLU MLPs without biases, label
@@ -915,26 +1369,6 @@ def test_language_model_target_trains_and_is_saved(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: pytest.fail("trained before checking val"))
     with pytest.raises(FileNotFoundError, match="val.bin is missing"):
         models.train_target(tcfg, str(tmp_path / "never.pt"))
-
-
-# -- language models ---------------------------------------------------------------------------------
-
-LM_MODULES = {"h.*.attn.q_proj": 4, "h.*.attn.k_proj": 4, "h.*.attn.v_proj": 4, "h.*.attn.o_proj": 4,
-              "h.*.mlp.c_fc": 6, "h.*.mlp.down_proj": 6}
-
-
-def tiny_lm(**target):
-    tcfg = models.TargetConfig(model="llama_simple_mlp", vocab_size=32, d_model=16, n_heads=2, d_mlp=32,
-                               n_layers=2, seq_len=8, **target)
-    torch.manual_seed(0)
-    return models.build_model(tcfg), tcfg
-
-
-def lm_config(**overrides):
-    base = dict(modules=LM_MODULES, ci_fn="transformer", ci_d_model=16, ci_n_blocks=1, ci_n_heads=2, ci_d_mlp=32,
-                recon_loss="kl", beta=0.5, faith_coeff=1e3, imp_coeff=1e-3, p_start=2.0, p_end=0.4,
-                stoch_coeff=0.5, adv_coeff=0.5, ci_threshold=0.0)
-    return vpd.Config(**{**base, **overrides})
 
 
 def reference_llama_logits(sd, tokens, n_heads):
@@ -1095,152 +1529,6 @@ def test_wandb_target_uses_the_local_copy_or_says_what_is_missing(tmp_path, monk
         str(root / "model_step_10000.pt")
 
 
-# Goodfire's saved decompositions, written with their key names and shapes (vpd.import_goodfire's docstring)
-TINY_GOODFIRE = dict(n_layers=2, d_model=16, n_heads=2, d_mlp=32, vocab=32, C={"q": 4, "k": 4, "v": 6, "o": 6, "c_fc": 8,
-                     "down_proj": 10}, ci_d_model=16, ci_blocks=2, ci_heads=2, ci_mlp=32)
-PILE4L_GOODFIRE = dict(n_layers=4, d_model=768, n_heads=6, d_mlp=3072, vocab=50277, C={"q": 512, "k": 512, "v": 1024,
-                       "o": 1024, "c_fc": 3072, "down_proj": 3584}, ci_d_model=2048, ci_blocks=8, ci_heads=16, ci_mlp=8192)
-
-
-def write_goodfire_run(directory, n_layers, d_model, n_heads, d_mlp, vocab, C, ci_d_model, ci_blocks, ci_heads, ci_mlp,
-                       step=400_000, legacy=True, seed=0):
-    """A Goodfire run directory with random weights: model_<step>.pth (target_model.*, _components.*, the global CI
-    transformer's ci_fn._global_ci_fn.*, their Linear's W stored [in, out]) and final_config.yaml (legacy) or
-    run_meta.yaml. At PILE4L_GOODFIRE's sizes, the stand-in for run s-55ea3f9b:
-    python -c "import test_vpd as t; t.write_goodfire_run('out/standin', **t.PILE4L_GOODFIRE)" """
-    import yaml
-    os.makedirs(directory, exist_ok=True)
-    torch.manual_seed(seed)
-    target = models.LlamaSimpleMLP(vocab, d_model, n_layers, n_heads, d_mlp)
-    sd = {f"target_model.{k}": v for k, v in target.state_dict().items()}
-    paths = {f"h.{i}.{kind}": (C[name], *target.get_submodule(f"h.{i}.{kind}").weight.shape[::-1])
-             for i in range(n_layers) for name, kind in (("q", "attn.q_proj"), ("k", "attn.k_proj"), ("v", "attn.v_proj"),
-                                                         ("o", "attn.o_proj"), ("c_fc", "mlp.c_fc"), ("down_proj", "mlp.down_proj"))}
-    for path, (c, d_in, d_out) in paths.items():
-        sd[f"_components.{path.replace('.', '-')}.V"] = torch.randn(d_in, c) / d_in ** 0.5
-        sd[f"_components.{path.replace('.', '-')}.U"] = torch.randn(c, d_out) / c ** 0.5
-    ci = {"_input_projector.W": torch.randn(sum(d for _, d, _ in paths.values()), ci_d_model) * 0.02,
-          "_input_projector.b": torch.randn(ci_d_model) * 0.1,
-          "_output_head.W": torch.randn(ci_d_model, sum(c for c, _, _ in paths.values())) * 0.1,
-          "_output_head.b": torch.randn(sum(c for c, _, _ in paths.values())) * 0.2}
-    head = ci_d_model // ci_heads
-    for i in range(ci_blocks):
-        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            ci[f"_blocks.{i}.attn.{n}.weight"] = torch.randn(ci_d_model, ci_d_model) * ci_d_model ** -0.5
-        ci[f"_blocks.{i}.attn.rope.inv_freq"] = 1 / 10000 ** (torch.arange(0, head, 2).float() / head)
-        ci[f"_blocks.{i}.mlp.0.W"], ci[f"_blocks.{i}.mlp.0.b"] = torch.randn(ci_d_model, ci_mlp) * ci_d_model ** -0.5, torch.randn(ci_mlp) * 0.3
-        ci[f"_blocks.{i}.mlp.2.W"], ci[f"_blocks.{i}.mlp.2.b"] = torch.randn(ci_mlp, ci_d_model) * ci_mlp ** -0.5, torch.randn(ci_d_model) * 0.3
-    sd |= {f"ci_fn._global_ci_fn.{k}": v for k, v in ci.items()}
-    torch.save(sd, os.path.join(directory, f"model_{step}.pth"))
-    ci_config = {"mode": "global", "fn_type": "global_shared_transformer", "hidden_dims": None, "reader_hidden_dims": None,
-                 "simple_transformer_ci_cfg": {"d_model": ci_d_model, "n_blocks": ci_blocks, "mlp_hidden_dim": [ci_mlp],
-                                               "attn_config": {"n_heads": ci_heads, "max_len": 512, "rope_base": 10000.0}}}
-    patterns = [{"module_pattern": f"h.*.{kind}", "C": C[name]} for name, kind in
-                (("c_fc", "mlp.c_fc"), ("down_proj", "mlp.down_proj"), ("q", "attn.q_proj"), ("k", "attn.k_proj"),
-                 ("v", "attn.v_proj"), ("o", "attn.o_proj"))]
-    data = {"max_seq_len": 512, "dataset_name": "danbraunai/pile-uncopyrighted-tok-shuffled"}
-    if legacy:
-        meta = {"ci_config": ci_config, "sigmoid_type": "leaky_hard", "module_info": patterns, "identity_module_info": None,
-                "use_delta_component": True, "steps": step, "batch_size": 64, "task_config": {"task_name": "lm", **data},
-                "pretrained_model_class": "spd.pretrain.models.llama_simple_mlp.LlamaSimpleMLP",
-                "pretrained_model_name": "goodfire/spd/runs/t-9d2b8f02"}
-    else:
-        meta = {"pd": {"ci_config": ci_config, "sigmoid_type": "leaky_hard", "decomposition_targets": patterns,
-                       "identity_decomposition_targets": None, "use_delta_component": True, "steps": step, "batch_size": 64},
-                "target": {"spec": {"kind": "pretrained", "run_path": "goodfire/spd/runs/t-9d2b8f02",
-                                    "model_class": "param_decomp_lab.experiments.lm.pretrain.models.llama_simple_mlp.LlamaSimpleMLP"}},
-                "data": data}
-    with open(os.path.join(directory, "final_config.yaml" if legacy else "run_meta.yaml"), "w") as f:
-        yaml.safe_dump(meta, f)
-    return sd
-
-
-def goodfire_ci(ci: dict, inputs: dict, n_heads: int):
-    """Pre-sigmoid CI of Goodfire's global shared transformer, written independently of vpd.CITransformer from their
-    code: inputs RMS-normed per matrix without weight and concatenated in sorted path order, x @ W + b projections,
-    pre-norm blocks with parameter-free RMSNorm, separate q/k/v/out projections, RoPE (half-split, whole head, from
-    the saved inv_freq) on q and k, bidirectional attention, exact GELU MLP with biases, no final norm."""
-    x = torch.cat([F.rms_norm(inputs[p], (inputs[p].shape[-1],)) for p in sorted(inputs)], -1)
-    x = x @ ci["_input_projector.W"] + ci["_input_projector.b"]
-    B, T, D = x.shape
-    dh, i = D // n_heads, 0
-    while f"_blocks.{i}.attn.q_proj.weight" in ci:
-        b = f"_blocks.{i}."
-        q, k, v = (F.linear(F.rms_norm(x, (D,)), ci[f"{b}attn.{n}_proj.weight"]).view(B, T, n_heads, dh).transpose(1, 2)
-                   for n in "qkv")
-        angle = torch.arange(T)[:, None] * ci[b + "attn.rope.inv_freq"]
-        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
-        rotate = lambda t: t * cos + torch.cat([-t[..., dh // 2:], t[..., :dh // 2]], -1) * sin
-        mixed = torch.softmax(rotate(q) @ rotate(k).transpose(-1, -2) / dh ** 0.5, -1) @ v
-        x = x + F.linear(mixed.transpose(1, 2).reshape(B, T, D), ci[b + "attn.out_proj.weight"])
-        h = F.gelu(F.rms_norm(x, (D,)) @ ci[b + "mlp.0.W"] + ci[b + "mlp.0.b"])
-        x, i = x + h @ ci[b + "mlp.2.W"] + ci[b + "mlp.2.b"], i + 1
-    return x @ ci["_output_head.W"] + ci["_output_head.b"]
-
-
-@pytest.mark.parametrize("legacy", [True, False])
-def test_goodfire_decomposition_imports_and_gives_their_ci(tmp_path, legacy):
-    """A Goodfire run (their keys and shapes, either yaml) becomes a checkpoint that load_decomposition reads: the
-    same target, the same V and U, and the CI of their transformer to 1e-5, computed independently (goodfire_ci).
-    Keeping our final norm or dropping their MLP biases changes the CI (what the two config options are for)."""
-    import yaml
-    theirs = write_goodfire_run(tmp_path / "run", **TINY_GOODFIRE, legacy=legacy)
-    with pytest.raises(ValueError, match="pass --n_heads"):
-        vpd.import_goodfire(str(tmp_path / "run"), str(tmp_path / "ours"))
-    (tmp_path / "run" / "model_config.yaml").write_text(yaml.safe_dump({"n_head": 2, "n_layer": 2}))  # the target run's
-    vpd.main(["import", str(tmp_path / "run"), str(tmp_path / "ours")])
-    target, dec, comps, tcfg, cfg = vpd.load_decomposition(str(tmp_path / "ours" / "ckpt.pt"))
-    assert (tcfg.n_layers, tcfg.d_model, tcfg.n_heads, tcfg.vocab_size, cfg.ci_d_mlp, cfg.steps) == (2, 16, 2, 32, 32, 400_000)
-    assert cfg.modules["h.*.mlp.down_proj"] == 10 and not cfg.ci_final_norm and cfg.ci_mlp_bias
-    assert torch.equal(comps["h.1.mlp.c_fc"]["V"], theirs["_components.h-1-mlp-c_fc.V"])
-    assert all(torch.equal(v, theirs[f"target_model.{k}"]) for k, v in target.state_dict().items())
-    x = torch.randint(32, (3, 8), generator=torch.Generator().manual_seed(0))
-    ci_sd = {k.removeprefix("ci_fn._global_ci_fn."): v for k, v in theirs.items() if k.startswith("ci_fn.")}
-    with torch.no_grad():
-        dec(x)
-        ours = dec.causal_importance()[0]
-        pre = goodfire_ci(ci_sd, {n: c.input for n, c in dec.comps.items()}, 2)
-    torch.testing.assert_close(ours, pre.clamp(0, 1), atol=1e-5, rtol=0)  # the lower-leaky sigmoid's forward
-    assert 0.05 < (ours > 0).float().mean() < 0.95                        # a CI with both on and off entries
-    ckpt = vpd.load_checkpoint(str(tmp_path / "ours" / "ckpt.pt"), ("config", "components", "target", "ci_fn"))
-    for change in ({"ci_final_norm": True}, {"ci_mlp_bias": False}):
-        other = vpd.Decomposition(models.build_model(tcfg), dataclasses.replace(cfg, **change))
-        other.ci_fn.load_state_dict(ckpt["ci_fn"], strict=False)  # our norm's weight (ones), or no biases
-        vpd.load_decomposition_state(other, {**ckpt, "ci_fn": other.ci_fn.state_dict()})
-        with torch.no_grad():
-            other(x)
-            assert (other.causal_importance()[0] - ours).abs().max() > 1e-2
-
-
-def test_goodfire_import_refuses_what_it_cannot_read(tmp_path, monkeypatch):
-    import yaml
-    with pytest.raises(FileNotFoundError, match="should hold Goodfire's model_<step>.pth and final_config.yaml"):
-        vpd.import_goodfire(str(tmp_path), str(tmp_path / "ours"), n_heads=2)
-    write_goodfire_run(tmp_path / "run", **TINY_GOODFIRE)
-    meta = yaml.safe_load(open(tmp_path / "run" / "final_config.yaml"))
-    for key, value, named in (("sigmoid_type", "normal", "sigmoid_type normal"),
-                              ("ci_config", {**meta["ci_config"], "mode": "layerwise", "fn_type": "mlp"}, "ci_config.fn_type mlp"),
-                              ("pretrained_model_class", "transformers.GPT2LMHeadModel", "target class transformers.GPT2")):
-        with open(tmp_path / "run" / "final_config.yaml", "w") as f:
-            yaml.safe_dump({**meta, key: value}, f)
-        with pytest.raises(ValueError, match=f"not supported here: {re.escape(named)}"):
-            vpd.import_goodfire(str(tmp_path / "run"), str(tmp_path / "ours"), n_heads=2)
-    with open(tmp_path / "run" / "final_config.yaml", "w") as f:  # a config whose C disagrees with the weights
-        yaml.safe_dump({**meta, "module_info": [{**m, "C": m["C"] + 1} for m in meta["module_info"]]}, f)
-    with pytest.raises(ValueError, match="its components do not fit the translated config"):
-        vpd.import_goodfire(str(tmp_path / "run"), str(tmp_path / "ours"), n_heads=2)
-    assert not os.path.exists(tmp_path / "ours" / "ckpt.pt")             # nothing written
-    # a W&B path: the local copy of an earlier download, without asking W&B
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(SystemExit, match="pip install wandb"):
-        vpd.import_goodfire("wandb:goodfire/spd/runs/s-55ea3f9b", "ours", n_heads=2)
-    write_goodfire_run(tmp_path / "out" / "goodfire" / "spd-s-55ea3f9b", **TINY_GOODFIRE)
-    assert vpd.import_goodfire("wandb:goodfire/spd/runs/s-55ea3f9b", "ours", n_heads=2) == os.path.join("ours", "ckpt.pt")
-    with pytest.raises(SystemExit, match="usage: python vpd.py import"):
-        vpd.main(["import", "run-only"])
-
-
 def test_pile_prepare_keeps_rows_whole(tmp_path):
     """data/pile/prepare.py's memmaps: every window is the start of one row, never two rows joined."""
     out = tmp_path / "bin"
@@ -1258,161 +1546,44 @@ def test_pile_prepare_keeps_rows_whole(tmp_path):
         models.token_batches(dataclasses.replace(tcfg, dataset=str(out), seq_len=16), 4, seed=0)
 
 
-def test_lm_metrics_on_hand_built_masks():
-    model, tcfg = tiny_lm()
-    reference = copy.deepcopy(model)
-    dec = vpd.Decomposition(model, lm_config())
-    x, y = models.token_batches(tcfg, 4, seed=0)("val", 0)
-    with torch.no_grad():
-        target_out = dec(x)
-        ones = {n: (torch.ones(4, 8, c.V.shape[1]), torch.ones(4, 8)) for n, c in dec.comps.items()}
-        out = dec.masked(x, ones)
-    assert vpd.recon_loss(out, target_out, "kl").item() == pytest.approx(0.0, abs=1e-6)
-    metrics, _ = vpd.evaluate_batch(dec, x, y, lm_config(eval_adv_steps=[0, 5]))
-    with torch.no_grad():  # zero masks with δ = 0: the decomposed matrices contribute nothing
-        for name, mod in reference.named_modules():
-            if any(fnmatch.fnmatchcase(name, p) for p in LM_MODULES):
-                mod.weight.zero_()
-        zero_ablated = reference(x)
-    assert metrics["ce/zero"] == pytest.approx(vpd.lm_ce(zero_ablated, y), rel=1e-5)
-    assert metrics["ce/target"] == pytest.approx(vpd.lm_ce(target_out, y), rel=1e-6)
-    assert metrics["recon/adv5"] >= metrics["recon/adv0"]
-    assert set(k for k in metrics if k.startswith("l0/")) == {f"l0/{n}" for n in dec.comps}
-    # under bf16 autocast (as training on CUDA): the same metrics, to bf16 precision
-    with torch.autocast("cpu", torch.bfloat16):
-        bf16, _ = vpd.evaluate_batch(dec, x, y, lm_config(eval_adv_steps=[0, 5]))
-    assert bf16.keys() == metrics.keys()
-    assert bf16["ce/zero"] == pytest.approx(metrics["ce/zero"], rel=0.02)
-    assert bf16["ce/ones"] == pytest.approx(metrics["ce/ones"], rel=0.02)
+def test_fortunes_prepare_on_a_fixture(tmp_path):
+    root = tmp_path / "fortunes"
+    for sub, text in (("", "Hello world"), ("de", "Guten Tag"), ("es", "Hola mundo"), ("it", "Ciao mondo")):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        cookies = [f"{text}, number {i}." for i in range(20)]
+        (root / sub / "cookies").write_text("\n%\n".join(cookies + cookies[:2]) + "\n%\n")  # two repeats
+        (root / sub / "cookies.dat").write_bytes(b"\x00binary index")
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "data/fortunes/prepare.py", "--root", str(root), "--out_dir", str(out),
+                    "--vocab_size", "300", "--held_out", "0.1", "--mix", "en=1,de=0.5,es=0.25,it=0.25"],
+                   check=True, capture_output=True)
+    meta = json.load(open(out / "meta.json"))
+    assert meta["vocab_size"] == 300 and meta["eot"] == 299
+    sys.path.insert(0, "data/fortunes")
+    import prepare
+    assert prepare.gpt2_encoding().encode("Hello world") == [15496, 995]  # GPT-2's ids, from the hash-checked files
+    enc = prepare.gpt2_encoding(300)
+    docs = {}
+    for path in out.glob("*.bin"):  # every split of every language: whole fortunes, none in two splits
+        ids = np.fromfile(path, dtype=np.uint16).tolist()
+        assert max(ids) < 300 and ids[-1] == 299
+        text = enc.decode(ids)
+        assert "\ufffd" not in text                                     # no <unk>: a truncated BPE encodes anything
+        docs[path.stem] = text.split("<|endoftext|>")[:-1]
+    for lang, word in (("en", "Hello"), ("de", "Guten"), ("es", "Hola"), ("it", "Ciao")):
+        splits = [set(docs[f"{s}_{lang}"]) for s in ("train", "val", "dev", "test")]
+        assert all(d.startswith(word) for s in splits for d in s)
+        assert sum(map(len, splits)) == len(set.union(*splits)) == len(splits[0]) + 6  # disjoint; 2 held out each
+    assert sorted(docs["train"]) == sorted(d for lang in ("en", "de", "es", "it") for d in docs[f"train_{lang}"])
+    assert len(docs["train_en"]) == 14 and len(docs["train_de"]) == 7   # the mix: German half of English's tokens
 
 
-def test_lm_run_end_to_end(tmp_path):
-    model, tcfg = tiny_lm()
-    cfg = lm_config(out_dir=str(tmp_path), steps=6, batch_size=4, eval_interval=3, log_interval=3, ckpt_interval=3,
-                    faith_warmup_steps=5, eval_adv_steps=[0, 3])
-    metrics = vpd.train(cfg, model, models.token_batches(tcfg, 4, seed=0))
-    assert metrics["step"] == 6 and metrics["ce/target"] > 0
-    assert {"l0_layer/h.0", "l0_layer/h.1", "ce_unrecovered/ci", "alive/total"} <= set(metrics)
-    assert metrics["l0/total"] == pytest.approx(metrics["l0_layer/h.0"] + metrics["l0_layer/h.1"])
-    assert metrics["ce_unrecovered/zero"] == pytest.approx(1.0)
-
-
-def test_bf16_casts_once_per_step_with_the_same_losses_and_gradients(monkeypatch):
-    """Under bf16 autocast (on CUDA in training; on the CPU here) each matrix's V, U and W are cast once per
-    training step, not in every masked pass (before: V, U 3 times, W 5 times); the losses and gradients
-    are those of casting in every pass. In fp32 nothing is cast."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountCasts(TorchDispatchMode):
-        def __init__(self, tensors):
-            super().__init__()
-            self.ptrs, self.n = {t.data_ptr(): i for i, t in enumerate(tensors)}, [0] * len(tensors)
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.ptrs:
-                self.n[self.ptrs[args[0].data_ptr()]] += 1
-            return func(*args, **(kwargs or {}))
-
-    def step(autocast, cast_once=True):
-        model, tcfg = tiny_lm()
-        cfg = lm_config()
-        torch.manual_seed(0)
-        dec = vpd.Decomposition(model, cfg)
-        if not cast_once:
-            monkeypatch.setattr(dec, "cast_once", lambda autocast: contextlib.nullcontext())
-        x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
-        with CountCasts([t for c in dec.comps.values() for t in (c.V, c.U, c.weight)]) as casts:
-            losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, p=1.5, adv_lr=0.01, autocast=autocast)
-            sum(losses.values()).backward()
-        return losses, [p.grad for p in dec.parameters() if p.requires_grad], casts.n
-
-    losses, grads, casts = step(torch.autocast("cpu", torch.bfloat16))
-    assert set(casts) == {1}
-    every_pass = step(torch.autocast("cpu", torch.bfloat16), cast_once=False)
-    assert set(every_pass[2]) == {3, 5}
-    assert {k: v.item() for k, v in losses.items()} == {k: v.item() for k, v in every_pass[0].items()}
-    for g, h in zip(grads, every_pass[1]):  # V, U's gradients add up in bf16 before their one cast back
-        torch.testing.assert_close(g, h, rtol=1e-2, atol=1e-5)
-    assert set(step(contextlib.nullcontext())[2]) == {0}
-
-
-def test_compiled_reconstruction_loss_gives_the_eager_losses_and_gradients():
-    """On CUDA training compiles the reconstruction loss (dynamic shapes); traced here with the aot_eager
-    backend (inductor's own code is for the GPU): the same losses, gradients and metrics as eager, for
-    every kind of call a training step and an evaluation make, on the padded logits' view."""
-    def step(compiled):
-        model, tcfg = tiny_lm()
-        cfg = lm_config(adv_routing="uniform_k_subset")
-        torch.manual_seed(0)
-        dec = vpd.Decomposition(model, cfg)
-        if compiled:
-            dec.recon = torch.compile(vpd.recon_loss, dynamic=True, backend="aot_eager")
-        x, y = models.token_batches(tcfg, 4, seed=0)("train", 0)
-        torch.manual_seed(1)
-        losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, p=1.5, adv_lr=0.01)
-        sum(losses.values()).backward()
-        metrics, _ = vpd.evaluate_batch(dec, x, y, dataclasses.replace(cfg, eval_adv_steps=[0, 3]))
-        return losses, [p.grad for p in dec.parameters() if p.requires_grad], metrics
-
-    eager, compiled = step(False), step(True)
-    for k in eager[0]:
-        assert compiled[0][k].item() == pytest.approx(eager[0][k].item(), rel=1e-6, abs=1e-9), k
-    for g, h in zip(compiled[1], eager[1]):
-        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7)
-    assert compiled[2] == pytest.approx(eager[2], rel=1e-5, abs=1e-9)
-
-
-def test_measure_step_counts_a_whole_step_and_the_log_shows_mfu(tmp_path, monkeypatch):
-    """The FLOPs of a step, counted on 1 and 2 sequences and extrapolated, are those counted on the whole batch
-    (losses, the adversary's inner steps, the backward); every log line has TFLOP/s and, given a peak, MFU."""
-    from torch.utils.flop_counter import FlopCounterMode
-    model, tcfg = tiny_lm()
-    cfg = lm_config()
-    dec = vpd.Decomposition(model, cfg)
-    x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
-    with FlopCounterMode(display=False) as counter:
-        losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, cfg.p_start, 0.0)
-        sum(losses.values()).backward()
-    dec.zero_grad(set_to_none=True)
-    activations, flops = vpd.measure_step(dec, cfg, x)
-    assert flops == counter.get_total_flops() > 0 and activations == 0  # a CPU keeps no allocator statistics
-    without_adversary = vpd.measure_step(dec, dataclasses.replace(cfg, adv_steps=0), x)[1]
-    assert without_adversary < counter.get_total_flops()
-    # the peak: the config's, else the GPU's by name (bf16 or fp32), else none
-    assert vpd.peak_tflops(vpd.Config(peak_tflops=500.0), torch.device("cpu")) == 500.0
-    assert vpd.peak_tflops(vpd.Config(), torch.device("cpu")) == 0.0
-    for name, dtype, peak in (("NVIDIA H100 80GB HBM3", "bfloat16", 989), ("NVIDIA H100 PCIe", "bfloat16", 756),
-                              ("NVIDIA A100-SXM4-80GB", "float32", 19.5), ("NVIDIA L40S", "bfloat16", 362),
-                              ("NVIDIA L4", "bfloat16", 121), ("Some Future GPU", "bfloat16", 0.0)):
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
-        assert vpd.peak_tflops(vpd.Config(dtype=dtype), torch.device("cuda")) == peak, name
-    model, tcfg = tiny_lm()
-    cfg = lm_config(out_dir=str(tmp_path), steps=3, batch_size=4, log_interval=1, eval_interval=0, peak_tflops=0.5)
-    vpd.train(cfg, model, models.token_batches(tcfg, 4, seed=0))
-    records = train_losses(tmp_path / "metrics.jsonl")
-    assert len(records) == 3 and all(r["tflops"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / 0.5) for r in records)
-
-
-def test_memory_plan_stops_a_run_that_cannot_fit():
-    model, tcfg = tiny_lm()
-    cfg = lm_config(batch_size=4)
-    dec = vpd.Decomposition(model, cfg)
-    x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
-    vpd.measure_step(dec, cfg, x)  # the plan reads the positions per sample off the forward it ran
-    plan = vpd.memory_plan(dec, cfg, x, activations=12345)
-    ssc = sum(LM_MODULES.values()) * 2  # 2 layers
-    assert plan["adversary sources and moments"] == 12 * 4 * 8 * (ssc + 12)
-    assert plan["activations"] == 12345
-    assert plan["total"] == sum(v for k, v in plan.items() if k != "total")
-    vpd.check_memory(plan, torch.device("cpu"), cfg)  # tiny: fits
-    with pytest.raises(SystemExit, match="lower batch_size"):
-        vpd.check_memory({**plan, "activations": 2**50, "total": 2**50}, torch.device("cpu"), cfg)
-
-
-# -- Hugging Face models (transformers is optional for users; .ci/run installs it) -----------------------
+# -- Hugging Face models (transformers is optional for users; .ci/run installs it) ---------------------------
 
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason="transformers is not installed (optional; .ci/run installs it)")
+
+
 HF_VOCAB = 32
 
 
@@ -1551,150 +1722,7 @@ def test_hf_config_path_loads_a_local_model_offline(tmp_path, monkeypatch, capsy
         models.hf_causal_lm("vpd-tests/missing")
 
 
-def _ddp_step(rank, world, init_file, out_file):
-    """One training step's losses and synchronised gradients on this process's half of a batch. The
-    random draws are replaced by a constant so that 1 and 2 processes see the same masks."""
-    import torch.distributed as dist
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    real_rand = torch.rand
-    torch.rand = lambda *size, **kw: torch.full(size[0] if len(size) == 1 and not isinstance(size[0], int) else size,
-                                                0.5, device=kw.get("device"))
-    try:
-        model, tcfg = tiny_lm()
-        cfg = lm_config(routing="all")
-        torch.manual_seed(0)
-        dec = vpd.Decomposition(model, cfg)
-        x, _ = models.token_batches(tcfg, 4, seed=0)("train", 0)
-        x = x[rank * 4 // world:(rank + 1) * 4 // world]
-        losses, _ = vpd.training_losses(dec, x, vpd.Adversary(), cfg, p=1.5, adv_lr=0.01)
-        total = sum(losses.values())
-        total.backward()
-        params = [p for p in dec.parameters() if p.requires_grad]
-        vpd.sync_gradients(params)
-        if world > 1:
-            dist.all_reduce(total.detach_())
-            total /= world
-        if rank == 0:
-            torch.save({"total": total, "grads": [p.grad for p in params]}, out_file)
-    finally:
-        torch.rand = real_rand
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def test_two_process_gloo_equals_one_process_on_the_whole_batch(tmp_path):
-    import torch.multiprocessing as mp
-    _ddp_step(0, 1, None, tmp_path / "one.pt")
-    mp.spawn(_ddp_step, args=(2, str(tmp_path / "init"), tmp_path / "two.pt"), nprocs=2)
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert two["total"].item() == pytest.approx(one["total"].item(), rel=1e-5)
-    for g1, g2 in zip(one["grads"], two["grads"]):
-        torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-4)
-
-
-def _ddp_train(rank, world, init_file, tmp_path):
-    """Two processes train: a whole run, then the same run crashing after its checkpoint, then resumed."""
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        runs = {name: toy_run(tmp_path, out_dir=str(tmp_path / name), steps=6, ckpt_interval=3, eval_interval=6,
-                              grad_clip=0.01) for name in ("whole", "crash", "resumed")}
-        get_batch = models.sparse_features(runs["whole"][1], 64, 0, rank=rank)
-        def crashing(split, step):
-            if split == "train" and step == 4:
-                raise KeyboardInterrupt
-            return get_batch(split, step)
-        vpd.train(runs["whole"][0], runs["whole"][2], get_batch)
-        with pytest.raises(KeyboardInterrupt):
-            vpd.train(runs["crash"][0], runs["crash"][2], crashing)
-        cfg, _, model = runs["resumed"]
-        cfg.out_dir, cfg.init_from = runs["crash"][0].out_dir, "resume"
-        vpd.train(cfg, model, get_batch)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_process_training_resumes_exactly_with_each_rank_its_own_noise(tmp_path):
-    import torch.multiprocessing as mp
-    toy_run(tmp_path)  # trains the target once, before the processes share it
-    mp.spawn(_ddp_train, args=(2, str(tmp_path / "init"), tmp_path), nprocs=2)
-    whole, resumed = (train_losses(tmp_path / d / "metrics.jsonl") for d in ("whole", "crash"))
-    assert [r["step"] for r in resumed] == list(range(1, 7))
-    for a, b in zip(whole, resumed):  # the logged losses are means over both processes
-        assert {k: a[k] for k in ("imp", "stoch", "adv", "total")} == {k: b[k] for k in ("imp", "stoch", "adv", "total")}
-    evals = [r for r in map(json.loads, open(tmp_path / "crash" / "metrics.jsonl")) if "recon/ci" in r]
-    assert len(evals) == 1 and evals[0]["step"] == 6
-    ckpt0 = torch.load(tmp_path / "crash" / "ckpt.pt", weights_only=True)
-    ckpt1 = torch.load(tmp_path / "crash" / "ckpt_rank1.pt", weights_only=True)
-    assert ckpt0["step"] == ckpt1["step"] == 6
-    # each rank drew its own adversary (and masks): the persistent sources differ between the ranks
-    assert not torch.equal(ckpt0["adversary"]["sources"], ckpt1["adversary"]["sources"])
-    assert not torch.equal(ckpt0["rng"]["cpu"], ckpt1["rng"]["cpu"])
-
-
-def test_fortunes_prepare_on_a_fixture(tmp_path):
-    root = tmp_path / "fortunes"
-    for sub, text in (("", "Hello world"), ("de", "Guten Tag"), ("es", "Hola mundo"), ("it", "Ciao mondo")):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-        cookies = [f"{text}, number {i}." for i in range(20)]
-        (root / sub / "cookies").write_text("\n%\n".join(cookies + cookies[:2]) + "\n%\n")  # two repeats
-        (root / sub / "cookies.dat").write_bytes(b"\x00binary index")
-    out = tmp_path / "out"
-    subprocess.run([sys.executable, "data/fortunes/prepare.py", "--root", str(root), "--out_dir", str(out),
-                    "--vocab_size", "300", "--held_out", "0.1", "--mix", "en=1,de=0.5,es=0.25,it=0.25"],
-                   check=True, capture_output=True)
-    meta = json.load(open(out / "meta.json"))
-    assert meta["vocab_size"] == 300 and meta["eot"] == 299
-    sys.path.insert(0, "data/fortunes")
-    import prepare
-    assert prepare.gpt2_encoding().encode("Hello world") == [15496, 995]  # GPT-2's ids, from the hash-checked files
-    enc = prepare.gpt2_encoding(300)
-    docs = {}
-    for path in out.glob("*.bin"):  # every split of every language: whole fortunes, none in two splits
-        ids = np.fromfile(path, dtype=np.uint16).tolist()
-        assert max(ids) < 300 and ids[-1] == 299
-        text = enc.decode(ids)
-        assert "\ufffd" not in text                                     # no <unk>: a truncated BPE encodes anything
-        docs[path.stem] = text.split("<|endoftext|>")[:-1]
-    for lang, word in (("en", "Hello"), ("de", "Guten"), ("es", "Hola"), ("it", "Ciao")):
-        splits = [set(docs[f"{s}_{lang}"]) for s in ("train", "val", "dev", "test")]
-        assert all(d.startswith(word) for s in splits for d in s)
-        assert sum(map(len, splits)) == len(set.union(*splits)) == len(splits[0]) + 6  # disjoint; 2 held out each
-    assert sorted(docs["train"]) == sorted(d for lang in ("en", "de", "es", "it") for d in docs[f"train_{lang}"])
-    assert len(docs["train_en"]) == 14 and len(docs["train_de"]) == 7   # the mix: German half of English's tokens
-
-
-# -- edit.py: component edits -----------------------------------------------------------------------
-
-import edit  # noqa: E402
-
-LANGS = ["en", "de", "es", "it"]
-
-
-@pytest.fixture(scope="module")
-def lm_decomposition(tmp_path_factory):
-    """A tiny language model and its decomposition, trained a few steps on a 4-language fixture corpus in
-    which each language draws its own 8 of the 32 tokens (plus a shared few); token files as
-    data/fortunes/prepare.py writes them."""
-    root = tmp_path_factory.mktemp("edit")
-    data = root / "data"
-    data.mkdir()
-    g = np.random.default_rng(0)
-    for i, lang in enumerate(LANGS):
-        for split in ("train", "val", "dev", "test"):
-            own = g.integers(8 * i, 8 * i + 8, 3000)
-            shared = g.integers(0, 32, 3000)
-            np.where(g.random(3000) < 0.8, own, shared).astype(np.uint16).tofile(data / f"{split}_{lang}.bin")
-    for split in ("train", "val"):
-        np.concatenate([np.fromfile(data / f"{split}_{lang}.bin", dtype=np.uint16) for lang in LANGS]).tofile(data / f"{split}.bin")
-    model, tcfg = tiny_lm(dataset=str(data))
-    cfg = lm_config(out_dir=str(root / "dec"), steps=10, batch_size=8, eval_interval=0, log_interval=0,
-                    faith_warmup_steps=20)
-    vpd.train(cfg, model, models.token_batches(tcfg, 8, seed=0),
-              run_config={**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)})
-    return root, data, os.path.join(cfg.out_dir, "ckpt.pt")
-
+# -- edit.py: edits, gates, the frontier and the sweep -------------------------------------------------------
 
 def edit_config(root, data, ckpt, **overrides):
     base = dict(ckpt=ckpt, out_dir=str(root / "edit"), data=str(data), tokenizer="ids", seq_len=8,
@@ -1820,7 +1848,7 @@ def test_frontier_finds_a_planted_switch_on_both_sides_of_one_and_matches_the_ed
     g = torch.Generator().manual_seed(0)
     shared = torch.randint(16, 32, (600,), generator=g)              # tokens of neither language
     own = {"de": torch.randint(8, 16, (600,), generator=g), "en": torch.randint(0, 8, (600,), generator=g)}
-    texts = {lang: edit.windows(torch.where(torch.rand(600, generator=g) < 0.8, own[lang], shared), 6, 8) for lang in own}
+    texts = {lang: models.windows(torch.where(torch.rand(600, generator=g) < 0.8, own[lang], shared), 6, 8) for lang in own}
     keys, grid = ["proj:0", "proj:1", "proj:2"], [-5.0, -1.0, 0.0, 3.0, 10.0]
     thresholds = dict(zip(keys, edit.activation_thresholds(dec, texts["en"], 0.99).tolist()))
     raw = edit.frontier(model, dec, comps, keys, texts, grid, thresholds, tau=0.5, batch=7)
@@ -1893,13 +1921,14 @@ def test_edit_pipeline_end_to_end_resumable_with_choices_on_dev(lm_decomposition
                    for e in entries)
     best = [r for r in rows if r["method"] == "best_act" and r["n"] == 12][0]
     assert list(best["prefactors"]) == [front["best"]["act"]["key"]]
-    for name in ("summary.md", "summary.json", "frontier.png", "edited_one.pt", "edited_lora4_all.pt", "edited_best_act.pt"):
+    for name in ("summary.json", "frontier.png", "edited_one.pt", "edited_lora4_all.pt", "edited_best_act.pt"):
         assert os.path.exists(os.path.join(cfg.out_dir, name))
     assert not os.path.exists(os.path.join(cfg.out_dir, "edited_best_ci.pt"))   # runs only beside the decomposition
     summary = json.load(open(os.path.join(cfg.out_dir, "summary.json")))
     assert summary["cost"]["methods"]["best_ci"]["inference"] > 1.5 > summary["cost"]["methods"]["best_act"]["inference"]
     assert summary["cost"]["methods"]["lora1_all"]["parameters"] == 2 * (4 * (16 + 16) + 2 * (16 + 32))
-    assert "tokens to chance" in open(os.path.join(cfg.out_dir, "summary.md")).read()
+    assert set(summary["methods"]) == set(cfg.methods) and all(
+        set(m["by_n"]) == {"1", "12"} and "tokens_to_chance" in m for m in summary["methods"].values())
     # resumable: a rerun with one more budget trains only the new rows
     calls = []
     real_cell = edit.Editing.cell
@@ -1979,12 +2008,12 @@ def test_edit_bad_input_is_a_clear_error(lm_decomposition, tmp_path):
         edit.Editing(edit_config(root, data, ckpt, remove="fr"))
     foreign = tmp_path / "foreign"  # text tokenized for a larger vocabulary, then one file too short
     foreign.mkdir()
-    for split in edit.SPLITS:
+    for split in models.SPLITS:
         for lang in LANGS:
             np.full(100, 40 if lang == "de" else 3, dtype=np.uint16).tofile(foreign / f"{split}_{lang}.bin")
     with pytest.raises(ValueError, match="de text holds token ids beyond the model's vocabulary of 32"):
         edit.Editing(edit_config(root, foreign, ckpt))
-    for split in edit.SPLITS:  # German in the vocabulary now, but its dev split only 5 tokens long
+    for split in models.SPLITS:  # German in the vocabulary now, but its dev split only 5 tokens long
         np.full(5 if split == "dev" else 100, 3, dtype=np.uint16).tofile(foreign / f"{split}_de.bin")
     with pytest.raises(ValueError, match="a token file of 5 tokens holds no window of 9"):
         edit.Editing(edit_config(root, foreign, ckpt))
@@ -2021,10 +2050,11 @@ def test_pile4l_edit_config_on_a_tiny_stand_in(tmp_path):
     assert all(ed.test[lang].max() < 32 for lang in LANGS + ["fr"]) and ed.chance == pytest.approx(math.log(32))
     edit.sweep(cfg)
     assert len(open(tmp_path / "out" / "results.jsonl").readlines()) == 3
-    assert "[[" in open(tmp_path / "out" / "summary.md").read()        # decoded top-activating contexts
+    contexts = json.load(open(tmp_path / "out" / "components.json"))["ranked"][0]["contexts"]
+    assert any("[[" in c and "?" not in c for c in contexts)            # decoded by the stand-in tokenizer
 
 
-# -- the README's library snippet and the notebooks ------------------------------------------------------
+# -- the README's snippets and the notebooks -----------------------------------------------------------------
 
 def test_readme_library_snippet_runs_as_written(tmp_path, monkeypatch):
     readme = open(os.path.join(os.path.dirname(__file__), "README.md")).read()
@@ -2052,6 +2082,8 @@ def test_readme_hugging_face_snippet_runs_as_written(tmp_path, monkeypatch):
                                            ("language_model", ["lm_training.png", "lm_language_profiles.png"]),
                                            ("editing", ["editing.png", "editing_off_target.png", "editing_frontier.png"]),
                                            ("attribution_graph", ["attribution_graphs.png", "attribution_de_optimised.json"])])
+
+
 def test_notebooks_run_headless(name, figures, lm_decomposition, tmp_path):
     """Each notebook runs top to bottom as a script, on a few TMS steps or on the tiny LM fixture."""
     root, data, ckpt = lm_decomposition

@@ -12,6 +12,7 @@ needing as few as possible (importance minimality).
     python vpd.py configs/tms_5_2.py --init_from=resume
     python vpd.py configs/fortunes.py               # a small language model, offline on a CPU
     torchrun --standalone --nproc_per_node=8 vpd.py configs/pile4l.py   # the paper's Pile-4L run
+    python vpd.py import wandb:goodfire/spd/runs/s-55ea3f9b out/pile4l_goodfire --n_heads=6   # Goodfire's
 
 Sections, in the order of the method:
     Config         every knob
@@ -20,8 +21,9 @@ Sections, in the order of the method:
     §4             losses: faithfulness, importance minimality, stochastic and adversarial reconstruction
     §5             one training step, and train()
     §6             metrics: L0, alive, CE and KL under masks, the evaluation adversary, toy ground truth
-    Appendix       plumbing: A data parallelism, B checkpoints and resume, C memory plan and FLOPs,
-                   D figures, E configurator and entry point
+    §7             attribution graphs of one prompt: edges, optimised CI, faithfulness
+    Appendix       plumbing: A data parallelism, B checkpoints, resume and Goodfire's decompositions,
+                   C memory plan and FLOPs, D figures, E configurator and entry point
 Left out on purpose: gradient accumulation, weight tying beyond transposed pairs, decomposing embeddings,
 W&B logging (metrics.jsonl instead), mixed-precision other than bf16 autocast, SPD's shared-MLP CI, and
 SPD's sigmoid with negative forward values (VPD's lower-leaky one serves SPD-style runs too).
@@ -65,12 +67,12 @@ class Config:
     seed: int = 0
     device: str = "auto"             # "auto": cuda when available, else cpu (vpd.train: the target's device)
     dtype: str = "float32"           # "bfloat16": autocast on CUDA (Δ and L_faith stay fp32)
-    compile: bool = None             # torch.compile the hot paths; None: on for CUDA, off on CPU (set by main)
+    compile: bool = None             # torch.compile the hot paths; None: on for CUDA, off on CPU
     memory_check: bool = True        # stop before training when the memory plan exceeds free memory
-    peak_tflops: float = 0.0         # the device's peak, for the MFU in the log; 0: the GPU's from PEAK_TFLOPS
+    peak_tflops: float = 0.0         # the device's peak, for the log's MFU; 0: the GPU's from PEAK_TFLOPS
     # §1 what to decompose: module-path pattern -> number of subcomponents C
     modules: dict = field(default_factory=lambda: {"linear1": 20, "linear2": 20})
-    tie: dict = field(default_factory=dict)  # {"linear2": "linear1"}: for a target with W2 = W1^T, V2 = U1^T, U2 = V1^T
+    tie: dict = field(default_factory=dict)  # {"linear2": "linear1"}: W2 = W1^T, so V2 = U1^T, U2 = V1^T
     # §3 causal importance function
     ci_fn: str = "mlp"               # "mlp": one tiny MLP per subcomponent; "transformer": global shared
     ci_hidden: int = 16              # mlp: hidden width
@@ -115,9 +117,9 @@ class Config:
 
 
 # the keys that take one of a few words, and those words (checked with the other limits by check_config)
-CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("float32", "bfloat16"), "ci_fn": ("mlp", "transformer"),
-           "recon_loss": ("mse", "kl"), "routing": ("all", "uniform_k_subset", "layerwise"),
-           "adv_routing": ("all", "uniform_k_subset")}
+CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("float32", "bfloat16"),
+           "ci_fn": ("mlp", "transformer"), "recon_loss": ("mse", "kl"),
+           "routing": ("all", "uniform_k_subset", "layerwise"), "adv_routing": ("all", "uniform_k_subset")}
 
 
 def check_config(cfg: Config):
@@ -163,7 +165,7 @@ class Components(nn.Module):
         self.U = nn.Parameter(torch.randn(C, d_out, device=self.weight.device) / math.sqrt(C))
         self.mask = None   # None: the target's weight; else (m [..., C], δ [...])
         self.input = None  # input of the last forward through the target's weight: what CI reads
-        self.cast = None   # (V, U, W) in autocast's dtype, made once per training step (Decomposition.cast_once)
+        self.cast = None   # (V, U, W) in autocast's dtype, once per training step (Decomposition.cast_once)
 
     @property
     def W(self):  # [d_out, d_in]
@@ -177,9 +179,9 @@ class Components(nn.Module):
         if self.mask is None:
             self.input = x
             return F.linear(x, W, self.bias)
-        m, d = self.mask
-        d = d.unsqueeze(-1)                                                         # [..., 1]
-        out = torch.addcmul(((x @ V) * (m - d)) @ U, d, F.linear(x, W))             # [..., d_out]
+        m, delta = self.mask
+        delta = delta.unsqueeze(-1)                                                 # [..., 1]
+        out = torch.addcmul(((x @ V) * (m - delta)) @ U, delta, F.linear(x, W))     # [..., d_out]
         return out if self.bias is None else out + self.bias
 
 
@@ -192,7 +194,8 @@ def find_matrices(model: nn.Module, modules: dict) -> dict:
     found = {}
     for pattern, C in modules.items():
         if type(C) is not int or C <= 0:
-            raise ValueError(f"modules[{pattern!r}] = {C!r}: the number of subcomponents must be a positive int")
+            raise ValueError(f"modules[{pattern!r}] = {C!r}: the number of subcomponents must be a positive "
+                             "int")
         matched = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
             near = difflib.get_close_matches(pattern, list(linears), n=3, cutoff=0.3)
@@ -201,9 +204,10 @@ def find_matrices(model: nn.Module, modules: dict) -> dict:
         for path in matched:
             if path in found:
                 raise ValueError(f"module {path!r} is matched by two patterns of `modules`")
-            if uses[id(linears[path].weight)] > 1:  # a tied unembedding: its other use, the embedding, stays whole
-                raise ValueError(f"module {path!r} shares its weight with another module (an unembedding tied to "
-                                 "the embedding?): vpd.py does not decompose embeddings; leave it out")
+            if uses[id(linears[path].weight)] > 1:  # a tied unembedding: its other use, the embedding, stays
+                raise ValueError(f"module {path!r} shares its weight with another module (an unembedding "
+                                 "tied to the embedding?): vpd.py does not decompose embeddings; leave it "
+                                 "out")
             found[path] = (linears[path], C)
     return found
 
@@ -219,6 +223,15 @@ def install_components(model: nn.Module, modules: dict) -> dict:
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent), name, comps[path])
     return dict(sorted(comps.items()))
+
+
+def check_ties(comps: dict, tie: dict):
+    """cfg.tie {b: a} ties matrices with W_b = W_a^T: both decomposed, with the same C."""
+    for b, a in tie.items():
+        if a not in comps or b not in comps:
+            raise ValueError(f"tie {b!r} -> {a!r}: both must be decomposed matrices, i.e. in {list(comps)}")
+        if not torch.equal(comps[b].W, comps[a].W.T) or comps[a].V.shape[1] != comps[b].V.shape[1]:
+            raise ValueError(f"tie {b!r} -> {a!r} needs {b}'s weight to be {a}'s transposed, with the same C")
 
 
 def uniform_k_subset(pos_shape, M: int, device) -> torch.Tensor:
@@ -248,8 +261,7 @@ class LowerLeakyHardSigmoid(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (z,) = ctx.saved_tensors
-        # the regions as float arithmetic, sign(z)⁺ = 1[z > 0]: boolean masks are slow on a CPU, in eager
-        # code and in compiled code alike (TMS 5-2 at batch 4096: compiled CI forward 3.8 ms with them, 2.0 without)
+        # the regions as float arithmetic, sign(z)⁺ = 1[z > 0]: boolean masks are slow on a CPU
         above0 = z.sign().clamp(min=0)
         inside = above0 - (z - 1).sign().clamp(min=0)                     # 1[0 < z <= 1]
         return g * inside + LEAK * g.clamp(max=0) * (1 - above0)          # revive: α·g where z <= 0, g < 0
@@ -288,7 +300,8 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.proj = nn.Linear(d, d, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(d, d_mlp, bias=mlp_bias), nn.GELU(), nn.Linear(d_mlp, d, bias=mlp_bias))
+        self.mlp = nn.Sequential(nn.Linear(d, d_mlp, bias=mlp_bias), nn.GELU(),
+                                 nn.Linear(d_mlp, d, bias=mlp_bias))
 
     def forward(self, x):  # [B, T, d]
         B, T, d = x.shape
@@ -302,8 +315,8 @@ class CITransformer(nn.Module):
     """VPD's CI function: RMS-normalise each decomposed matrix's input (no learned scale), concatenate
     them in sorted module order, and let a bidirectional transformer map them to ΣC scores per position."""
 
-    def __init__(self, d_ins: dict, Cs: dict, d_model: int, n_blocks: int, n_heads: int, d_mlp: int, mlp_bias=False,
-                 final_norm=True):
+    def __init__(self, d_ins: dict, Cs: dict, d_model: int, n_blocks: int, n_heads: int, d_mlp: int,
+                 mlp_bias=False, final_norm=True):
         super().__init__()
         self.d_ins = d_ins
         self.proj_in = nn.Linear(sum(d_ins.values()), d_model)
@@ -314,13 +327,23 @@ class CITransformer(nn.Module):
     def forward(self, inputs: dict, comps: dict = None) -> dict:
         x = torch.cat([F.rms_norm(inputs[n], (d,)) for n, d in self.d_ins.items()], -1)  # [B, T, Σd_in]
         flat = x.dim() == 2  # toy inputs [B, d]: one position per sample
-        # the residual stream in fp32: under bf16 autocast the matmuls still run in bf16, and RMSNorm
-        # (fp32 weight) keeps its fused kernel, which refuses a bf16 input
+        # the residual stream in fp32 (the matmuls still run in bf16 under autocast): RMSNorm's fused kernel
+        # refuses a bf16 input
         x = self.proj_in(x[:, None] if flat else x).float()                              # [B, T, d_model]
         for block in self.blocks:
             x = block(x)
         z = self.proj_out(self.norm(x)).float()                                          # [B, T, ΣC]
         return z[:, 0] if flat else z
+
+
+def ci_function(cfg: Config, comps: dict) -> nn.Module:
+    """The CI function cfg.ci_fn names, over the decomposed matrices {path: Components}."""
+    Cs = {path: comp.V.shape[1] for path, comp in comps.items()}
+    if cfg.ci_fn == "mlp":
+        return SubcomponentMLPs(Cs, cfg.ci_hidden)
+    d_ins = {path: comp.V.shape[0] for path, comp in comps.items()}
+    return CITransformer(d_ins, Cs, cfg.ci_d_model, cfg.ci_n_blocks, cfg.ci_n_heads, cfg.ci_d_mlp,
+                         cfg.ci_mlp_bias, cfg.ci_final_norm)
 
 
 def output_logits(out):
@@ -339,26 +362,15 @@ class Decomposition(nn.Module):
     def __init__(self, target: nn.Module, cfg: Config):
         super().__init__()
         check_config(cfg)
-        self.target = target
+        self.target, self.tie = target, cfg.tie
         self.comps = install_components(target, cfg.modules)
-        Cs = {n: c.V.shape[1] for n, c in self.comps.items()}
-        if cfg.ci_fn == "mlp":
-            self.ci_fn = SubcomponentMLPs(Cs, cfg.ci_hidden)
-        else:
-            d_ins = {n: c.V.shape[0] for n, c in self.comps.items()}
-            self.ci_fn = CITransformer(d_ins, Cs, cfg.ci_d_model, cfg.ci_n_blocks, cfg.ci_n_heads, cfg.ci_d_mlp,
-                                       cfg.ci_mlp_bias, cfg.ci_final_norm)
-        self.ci_fn.to(self.target_device())
-        self.Cs, self.tie = list(Cs.values()), cfg.tie
-        self.recon = recon_loss  # compiled on CUDA (see compile_hot_paths)
-        for b, a in self.tie.items():
-            if a not in self.comps or b not in self.comps:
-                raise ValueError(f"tie {b!r} -> {a!r}: both must be decomposed matrices, i.e. in {list(self.comps)}")
-            if not torch.equal(self.comps[b].W, self.comps[a].W.T) or Cs[a] != Cs[b]:
-                raise ValueError(f"tie {b!r} -> {a!r} needs {b}'s weight to be {a}'s transposed, with the same C")
+        self.Cs = [comp.V.shape[1] for comp in self.comps.values()]
+        self.ci_fn = ci_function(cfg, self.comps).to(self.target_device())
+        check_ties(self.comps, self.tie)
         self.tie_weights()
-        # which matrix each source channel belongs to (routing is per matrix): ΣC mask channels, then M δ channels
-        M = len(Cs)
+        self.recon_loss = recon_loss  # on CUDA, compiled (compile_hot_paths)
+        # the matrix of each channel of a source (routing is per matrix): ΣC mask channels, then M δ channels
+        M = len(self.Cs)
         self.matrix_of = torch.tensor([i for i, C in enumerate(self.Cs) for _ in range(C)] + list(range(M)),
                                       device=self.target_device())
 
@@ -387,7 +399,7 @@ class Decomposition(nn.Module):
     def causal_importance(self):
         """CI from the inputs cached by the last target forward, [..., ΣC]: lower-leaky (for masks) and
         upper-leaky (for the minimality loss)."""
-        z = self.ci_fn({n: c.input for n, c in self.comps.items()}, self.comps)
+        z = self.ci_fn({path: comp.input for path, comp in self.comps.items()}, self.comps)
         return LowerLeakyHardSigmoid.apply(z), upper_leaky_hard_sigmoid(z)
 
     def masks(self, ci, source, routed=None) -> dict:
@@ -396,11 +408,11 @@ class Decomposition(nn.Module):
         m = g + (1 - g) s on the first ΣC channels; the last M channels are the matrices' δ. Where
         routed [..., M] is False a matrix gets source 1, so m = 1 and δ = 1: W itself (W = (V U)^T + Δ).
         Routed and unrouted positions thus share one computation instead of computing both outputs."""
-        if routed is not None:  # index_select: 2x faster than indexing with [..., matrix_of] on a CPU
+        if routed is not None:  # index_select: faster on a CPU than indexing with [..., matrix_of]
             source = torch.where(routed.index_select(-1, self.matrix_of), source, 1.0)
-        s, d = source.split([ci.shape[-1], len(self.Cs)], -1)   # split, not slices: its backward is one cat
-        m = torch.lerp(s, s.new_ones(()), ci)                   # = g + (1 - g) s, one fused operation
-        return {n: (m_n, d[..., i]) for i, (n, m_n) in enumerate(self.split(m).items())}
+        s, delta = source.split([ci.shape[-1], len(self.Cs)], -1)   # split: its backward is one cat
+        m = torch.lerp(s, s.new_ones(()), ci)                       # = g + (1 - g) s, one fused operation
+        return {path: (m_path, delta[..., i]) for i, (path, m_path) in enumerate(self.split(m).items())}
 
     @contextmanager
     def cast_once(self, autocast):
@@ -410,26 +422,26 @@ class Decomposition(nn.Module):
         kind = self.target_device().type
         with autocast:
             dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-        for c in self.comps.values():
-            c.cast = (c.V.to(dtype), c.U.to(dtype), c.W.to(dtype)) if dtype else None
+        for comp in self.comps.values():
+            comp.cast = (comp.V.to(dtype), comp.U.to(dtype), comp.W.to(dtype)) if dtype else None
         try:
             yield
         finally:
-            for c in self.comps.values():
-                c.cast = None
+            for comp in self.comps.values():
+                comp.cast = None
 
     def deltas(self):
         with torch.autocast(self.target_device().type, enabled=False):  # Δ ≈ 0 needs fp32
-            return {n: c.delta() for n, c in self.comps.items()}
+            return {path: comp.delta() for path, comp in self.comps.items()}
 
     def masked(self, x, masks: dict):
-        for n, c in self.comps.items():
-            c.mask = masks.get(n)
+        for path, comp in self.comps.items():
+            comp.mask = masks.get(path)
         try:
             return self(x)
         finally:
-            for c in self.comps.values():
-                c.mask = None
+            for comp in self.comps.values():
+                comp.mask = None
 
 
 # -----------------------------------------------------------------------------
@@ -444,9 +456,8 @@ def importance_minimality_loss(ci_upper, p: float, beta: float, eps: float = 1e-
     """ci_upper [..., ΣC]: every subcomponent of every matrix side by side. Per subcomponent,
     s_c = Σ_positions (g + ε)^p and mean_c = s_c / #positions; L_imp = Σ_c mean_c (1 + β log2(1 + s_c)).
     p < 1 late in training favours few subcomponents fully on over many partly on; the β term penalises
-    subcomponents that fire often, which splits those serving unrelated inputs. Under data parallelism
-    s_c inside the log is the global sum over processes (an all-reduce autograd sees), so the processes'
-    averaged gradients are exact."""
+    subcomponents that fire often, which splits those serving unrelated inputs. Under data parallelism s_c in
+    the log is the sum over all processes (an all-reduce that autograd sees)."""
     s = (ci_upper + eps).pow(p).reshape(-1, ci_upper.shape[-1]).sum(0)  # [ΣC]
     mean = s / (ci_upper.numel() // ci_upper.shape[-1])
     return (mean * (1 + beta * torch.log2(1 + global_sum(s))) if beta else mean).sum()
@@ -471,10 +482,10 @@ def stochastic_recon_loss(dec, x, target_out, ci, cfg):
     u = torch.rand(*ci.shape[:-1], ci.shape[-1] + M, device=ci.device)
     routed = uniform_k_subset(ci.shape[:-1], M, ci.device) if cfg.routing == "uniform_k_subset" else None
     masks = dec.masks(ci, u, routed)
-    every = dec.recon(dec.masked(x, masks), target_out, cfg.recon_loss)
+    every = dec.recon_loss(dec.masked(x, masks), target_out, cfg.recon_loss)
     if cfg.routing != "layerwise":
         return every
-    each = [dec.recon(dec.masked(x, {n: masks[n]}), target_out, cfg.recon_loss) for n in masks]
+    each = [dec.recon_loss(dec.masked(x, {n: masks[n]}), target_out, cfg.recon_loss) for n in masks]
     return every + sum(each) / len(each)
 
 
@@ -493,8 +504,8 @@ class Adversary:
         when a resumed run's batch has another shape."""
         if self.sources is None or self.sources.shape != shape:
             if self.sources is not None:
-                print(f"adversary: saved sources {tuple(self.sources.shape)} do not fit batch {tuple(shape)}; "
-                      "starting afresh")
+                print(f"adversary: saved sources {tuple(self.sources.shape)} do not fit batch "
+                      f"{tuple(shape)}; starting afresh")
             self.sources = torch.rand(shape, device=device)
             self.m, self.v, self.t = torch.zeros_like(self.sources), torch.zeros_like(self.sources), 0
         return self.sources.detach().requires_grad_()
@@ -503,9 +514,9 @@ class Adversary:
     def ascend(self, grad, lr: float):
         self.t += 1
         b1, b2 = self.betas
-        # step size and bias correction as tensors, so that one compiled graph serves every step (torch.full
-        # on the device: torch.tensor would copy from the host and wait for the GPU)
-        scalars = [torch.full((), x, device=grad.device) for x in (lr / (1 - b1 ** self.t), math.sqrt(1 - b2 ** self.t))]
+        # step size and bias correction as tensors made on the device: one compiled graph serves every step
+        scalars = [torch.full((), x, device=grad.device)
+                   for x in (lr / (1 - b1 ** self.t), math.sqrt(1 - b2 ** self.t))]
         self.update(self.sources, self.m, self.v, grad, *scalars)
 
     def update(self, sources, m, v, grad, step_size, bias2):
@@ -523,7 +534,7 @@ class Adversary:
 
 def adversarial_recon_loss(dec, x, target_out, ci, sources, cfg):
     routed = uniform_k_subset(ci.shape[:-1], len(dec.comps), ci.device) if cfg.adv_routing != "all" else None
-    return dec.recon(dec.masked(x, dec.masks(ci, sources, routed)), target_out, cfg.recon_loss)
+    return dec.recon_loss(dec.masked(x, dec.masks(ci, sources, routed)), target_out, cfg.recon_loss)
 
 
 def eval_adversary(dec, x, target_out, ci, cfg, milestones, step_size=0.1):
@@ -537,7 +548,7 @@ def eval_adversary(dec, x, target_out, ci, cfg, milestones, step_size=0.1):
     found = {}
     for i in range(max(milestones) + 1):
         sources.requires_grad_()
-        loss = dec.recon(dec.masked(x, dec.masks(ci, sources)), target_out, cfg.recon_loss)
+        loss = dec.recon_loss(dec.masked(x, dec.masks(ci, sources)), target_out, cfg.recon_loss)
         if i in milestones:
             found[i] = loss.item()
         if i == max(milestones):
@@ -570,7 +581,8 @@ def training_losses(dec, x, adversary, cfg, p, adv_lr, autocast=nullcontext()):
                 adversary.ascend(torch.autograd.grad(loss, [sources])[0], adv_lr)
             sources = adversary.leaves(shape, ci_lower.device)
         # 4: the losses
-        losses = {"faith": faithfulness_loss(dec.deltas()), "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
+        losses = {"faith": faithfulness_loss(dec.deltas()),
+                  "imp": importance_minimality_loss(ci_upper, p, cfg.beta)}
         with autocast:
             if cfg.stoch_coeff:
                 losses["stoch"] = stochastic_recon_loss(dec, x, target_out, ci_lower, cfg)
@@ -598,7 +610,7 @@ def tie_gradients(dec):
 def faithfulness_warmup(dec, vu: list, cfg):
     """Before the first step of a fresh run: AdamW on V and U (vu) with L_faith alone, so that (V U)^T ≈ W
     before any mask is applied (random V, U would make every masked output noise)."""
-    warm = torch.optim.AdamW(vu, lr=cfg.faith_warmup_lr, weight_decay=0)  # freed after: its moments are 8 B/entry
+    warm = torch.optim.AdamW(vu, lr=cfg.faith_warmup_lr, weight_decay=0)  # its moments are freed after
     for _ in range(cfg.faith_warmup_steps):
         warm.zero_grad(set_to_none=True)
         faithfulness_loss(dec.deltas()).backward()
@@ -615,53 +627,52 @@ def schedules(step: int, cfg: Config):
     return p, lr, cfg.adv_lr * min(1.0, (step + 1) / max(1.0, cfg.adv_warmup * cfg.steps))
 
 
+def due(done: int, interval: int, steps: int) -> bool:
+    """Whether a periodic action (log, checkpoint, evaluation) falls after `done` steps: every `interval`
+    steps, and after the last (interval 0: after the last only)."""
+    return done == steps or (interval > 0 and done % interval == 0)
+
+
+def check_finite(total, losses: dict, step: int, last_good: str):
+    """A non-finite loss stops every process (alone, the others would wait in an all-reduce) before it reaches
+    the weights."""
+    finite = torch.isfinite(total.detach()).float()
+    if world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite:
+        raise FloatingPointError(f"step {step}: the loss is {total.item()} "
+                                 f"({ {k: v.item() for k, v in losses.items()} }); {last_good}")
+
+
 def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None) -> dict:
-    """Decompose `target`. get_batch(split, step) -> (x, y) gives the batch of a step ("train") or the
-    i-th evaluation batch ("val"); x: the target's input, a tensor or a dict of keyword inputs (input_ids,
-    attention_mask); y: next-token labels for language models, else None. truth: for toy models, what
-    the decomposition should find (see models.py). Returns the final metrics."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    """Decompose `target`. get_batch(split, step) -> (x, y) gives the batch of a step ("train") or the i-th
+    evaluation batch ("val"); x: the target's input, a tensor or a dict of keyword inputs (input_ids,
+    attention_mask); y: next-token labels for language models, else None. truth: for toy models, what the
+    decomposition should find (see models.py). Returns the last evaluation's metrics."""
+    # 0: the decomposition (the same initial weights on every process), AdamW on V, U and the CI function, the
+    # persistent adversary; the run's plumbing (Appendix B) resumes from out_dir's checkpoint, or a fresh run
+    # starts with the faithfulness warm-up
     torch.manual_seed(cfg.seed)
-    dec = Decomposition(target, cfg)  # the same initial weights on every rank
-    if rank:  # but each rank its own masks, routing and adversary; rank 0 keeps the single-process stream
-        torch.manual_seed(cfg.seed + 1_000_003 * rank)
-    device, get_batch = dec.target_device(), unpadded(get_batch)
-    vu = [p for c in dec.comps.values() for p in (c.V, c.U)]
+    dec = Decomposition(target, cfg)
+    vu = [p for comp in dec.comps.values() for p in (comp.V, comp.U)]
     params = vu + list(dec.ci_fn.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one kernel, not a loop
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one kernel
     adversary = Adversary()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and device.type == "cuda"
-                else nullcontext())
-    if cfg.compile:
-        compile_hot_paths(dec, adversary)
-    flops, peak = preflight(dec, cfg, get_batch, autocast, truth, verbose=rank == 0)
-    run = RunFiles(cfg, rank, run_config)
-    if cfg.init_from == "resume":
-        start = run.resume(dec, opt, adversary)
-    else:
-        run.fresh()
+    run = Run(cfg, dec, opt, adversary, get_batch, truth, run_config)
+    if run.start == 0:
         faithfulness_warmup(dec, vu, cfg)
-        start = 0
-    if start >= cfg.steps:  # finished (its last evaluation perhaps lost to a crash): evaluate, log, draw
-        print(f"step {start} of {cfg.steps}: nothing to train; evaluating the decomposition")
-        metrics = {"step": start, **evaluate(dec, get_batch, cfg, truth, autocast)}
-        run.log(metrics, eval_line=True)
-        if rank == 0:
-            save_figures(dec, truth, cfg.out_dir)
-        return metrics
-    timer, metrics = Timer(device, start), {}
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank > 0, dynamic_ncols=True)
-    for step in bar:
+    metrics = {}
+    for step in run.steps():
         p, lr, adv_lr = schedules(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        x, _ = get_batch("train", step)
+        x, _ = run.get_batch("train", step)
         # 1-4: the target, CI, the adversary's inner steps and the four losses
-        losses, sources = training_losses(dec, x, adversary, cfg, p, adv_lr, autocast)
-        # 5: their weighted sum in fp32; a non-finite one stops every rank before it reaches the weights
+        losses, sources = training_losses(dec, x, adversary, cfg, p, adv_lr, run.autocast)
+        # 5: their weighted sum in fp32; a non-finite one stops every process before it reaches the weights
         total = total_loss(losses, cfg)
-        run.check_finite(total, losses, step)
-        # 6-7: one backward gives the parameters' gradients and (through L_adv) the sources'; AdamW on V, U, CI
+        check_finite(total, losses, step, run.last_good())
+        # 6-7: one backward gives the parameters' gradients and (through L_adv) the sources'; AdamW
         opt.zero_grad(set_to_none=True)
         total.backward()
         sync_gradients(params)
@@ -673,27 +684,18 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         # 8: the adversary's outer step, with the gradient the main backward left on the sources
         if cfg.adv_coeff:
             adversary.ascend(sources.grad.div_(cfg.adv_coeff), adv_lr)
-            sources.grad = None  # [*positions, ΣC + M]: the step's graph keeps `sources` alive into the next step
+            sources.grad = None  # the step's graph keeps `sources` alive into the next step
         # log, checkpoint (before evaluating: a failed evaluation must not cost the steps), evaluate
         done = step + 1
-        timer.positions += dec.n_positions() * world_size()
-        log_now = done == cfg.steps or (cfg.log_interval > 0 and done % cfg.log_interval == 0)
-        ckpt_now = done == cfg.steps or (cfg.ckpt_interval > 0 and done % cfg.ckpt_interval == 0)
-        eval_now = cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.steps)
-        if log_now:
-            values = mean_over_processes(torch.stack([v.detach().float() for v in losses.values()] + [total.detach()]))
-            run.log({"step": done, **dict(zip([*losses, "total"], values.tolist())), "p": p, "lr": lr,
-                     **timer.lap(done, flops, peak)})
-        if ckpt_now:
-            run.checkpoint(done, dec, opt, adversary, params)
-        if eval_now:
-            metrics = {"step": done, **evaluate(dec, get_batch, cfg, truth, autocast)}
-            run.log(metrics, eval_line=True)
-        if log_now or ckpt_now or eval_now:
-            timer.reset(done)  # the timer measures training steps only
-    if rank == 0:
-        timer.summary(flops, peak)
-        save_figures(dec, truth, cfg.out_dir)
+        if due(done, cfg.log_interval, cfg.steps):
+            run.log_losses(done, losses, total, p, lr)
+        if due(done, cfg.ckpt_interval, cfg.steps):
+            run.checkpoint(done)
+        if cfg.eval_interval > 0 and due(done, cfg.eval_interval, cfg.steps):
+            metrics = run.log_evaluation(done, evaluate(dec, run.get_batch, cfg, truth, run.autocast))
+    if run.start >= cfg.steps:  # finished before (its last evaluation perhaps lost to a crash): evaluate it
+        metrics = run.log_evaluation(run.start, evaluate(dec, run.get_batch, cfg, truth, run.autocast))
+    run.close()  # the timing summary and the figures
     return metrics
 
 
@@ -707,10 +709,11 @@ def lm_ce(logits, y):  # labels -1: no next token known
 def eval_masks(dec, ci, threshold) -> dict:
     """Six kinds of masks: the CI values, all ones, stochastic (with δ ~ U(0, 1)), random U(0, 1), rounded
     (CI > threshold -> 1) and all zeros; δ = 0 except for the stochastic ones."""
-    none = torch.zeros(*ci.shape[:-1], ci.shape[-1] + len(dec.comps), device=ci.device)  # m = the CI given, δ = 0
+    none = torch.zeros(*ci.shape[:-1], ci.shape[-1] + len(dec.comps), device=ci.device)  # m = the CI, δ = 0
     return {"ci": dec.masks(ci, none), "ones": dec.masks(torch.ones_like(ci), none),
             "stoch": dec.masks(ci, torch.rand_like(none)), "random": dec.masks(torch.rand_like(ci), none),
-            "rounded": dec.masks((ci > threshold).float(), none), "zero": dec.masks(torch.zeros_like(ci), none)}
+            "rounded": dec.masks((ci > threshold).float(), none),
+            "zero": dec.masks(torch.zeros_like(ci), none)}
 
 
 def evaluate_batch(dec, x, y, cfg):
@@ -718,12 +721,12 @@ def evaluate_batch(dec, x, y, cfg):
     hidden-activation MSE, the evaluation adversary, L0. Also returns the batch's CI [..., ΣC]."""
     with torch.no_grad():
         target_out = dec(x)
-        target_hidden = {n: F.linear(c.input, c.W, c.bias) for n, c in dec.comps.items()}
+        target_hidden = {path: F.linear(comp.input, comp.W, comp.bias) for path, comp in dec.comps.items()}
         ci, _ = dec.causal_importance()
     metrics = {"ce/target": lm_ce(target_out, y)} if y is not None else {}
     hidden = {}  # each decomposed matrix's output in the last masked forward
-    hooks = [c.register_forward_hook(lambda mod, inp, out, n=n: hidden.__setitem__(n, out))
-             for n, c in dec.comps.items()]
+    hooks = [comp.register_forward_hook(lambda mod, inp, out, path=path: hidden.__setitem__(path, out))
+             for path, comp in dec.comps.items()]
     try:
         for kind, masks in eval_masks(dec, ci, cfg.ci_threshold).items():
             with torch.no_grad():
@@ -732,8 +735,9 @@ def evaluate_batch(dec, x, y, cfg):
             if y is not None:
                 metrics[f"ce/{kind}"] = lm_ce(out, y)
             if kind in ("ci", "stoch"):
-                for n in hidden:
-                    metrics[f"hidden_mse/{kind}/{n}"] = F.mse_loss(hidden[n].float(), target_hidden[n].float()).item()
+                for path in hidden:
+                    metrics[f"hidden_mse/{kind}/{path}"] = F.mse_loss(hidden[path].float(),
+                                                                      target_hidden[path].float()).item()
     finally:
         for h in hooks:
             h.remove()
@@ -766,7 +770,8 @@ def target_ci_error(ci, pattern, tol=0.1):
     subcomponents a matrix uses, not whether they fire together."""
     kind, k = pattern
     if kind in ("dense", "dense_count") and k > ci.shape[1]:
-        raise ValueError(f"a dense pattern of {k} subcomponents needs C >= {k}, got C = {ci.shape[1]}")
+        raise ValueError(f"a dense block of {k} subcomponents needs C >= {k}, got C = {ci.shape[1]}: "
+                         f"give it C >= {k}")
     expected = torch.zeros_like(ci)
     if kind == "identity":
         from scipy.optimize import linear_sum_assignment  # the Hungarian method
@@ -801,7 +806,8 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
         for i in range(cfg.eval_batches):
             x, y = get_batch("val", i)
             # training's precision, so that evaluation sees training's CI; cast_once first, since it enters
-            # `autocast` itself, and a torch.autocast entered twice, nested, stays on when the outer block exits
+            # `autocast` itself, and a torch.autocast entered twice, nested, stays on when the outer block
+            # exits
             with dec.cast_once(autocast), autocast:
                 batch, ci = evaluate_batch(dec, x, y, cfg)
             for k, v in batch.items():
@@ -811,14 +817,16 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
     metrics = dict(zip(keys, mean_over_processes(
         torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=dec.target_device())).tolist()))
     metrics["l0/total"] = sum(metrics[f"l0/{n}"] for n in dec.comps)
-    for n in dec.comps:  # per layer: paths such as h.3.attn.q_proj belong to layer h.3
-        layer = re.match(r"(.*?\.\d+)\.", n)
+    for path in dec.comps:  # per layer: a path up to its first number (h.3.attn.q_proj belongs to layer h.3)
+        parts = path.split(".")
+        layer = next((".".join(parts[:i + 1]) for i, part in enumerate(parts) if part.isdigit()), None)
         if layer:
-            metrics[f"l0_layer/{layer[1]}"] = metrics.get(f"l0_layer/{layer[1]}", 0.0) + metrics[f"l0/{n}"]
+            metrics[f"l0_layer/{layer}"] = metrics.get(f"l0_layer/{layer}", 0.0) + metrics[f"l0/{path}"]
     if "ce/target" in metrics:
         gap = metrics["ce/zero"] - metrics["ce/target"]  # 0 where ablating the matrices costs nothing
-        for kind in ("ci", "ones", "stoch", "random", "rounded", "zero"):  # share of the zero-ablation CE gap left
-            metrics[f"ce_unrecovered/{kind}"] = (metrics[f"ce/{kind}"] - metrics["ce/target"]) / gap if gap else math.nan
+        for kind in ("ci", "ones", "stoch", "random", "rounded", "zero"):  # the share of that gap left
+            excess = metrics[f"ce/{kind}"] - metrics["ce/target"]
+            metrics[f"ce_unrecovered/{kind}"] = excess / gap if gap else math.nan
     mean_ci = global_sum(ci_mass) / (n_pos * world_size())
     for n, mean in dec.split(mean_ci).items():
         metrics[f"alive/{n}"] = int((mean > cfg.alive_threshold).sum())
@@ -828,7 +836,7 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
             path, W = truth["features"]
             metrics["mmcs"], metrics["ml2r"], _ = toy_feature_metrics(W, dec.comps[path])
         ci = probe_ci(dec, truth["probes"])
-        patterns = {n: pattern for n, pattern in truth["patterns"].items() if n in dec.comps}  # those decomposed
+        patterns = {n: pattern for n, pattern in truth["patterns"].items() if n in dec.comps}  # decomposed
         for n, pattern in patterns.items():
             metrics[f"ci_error/{n}"] = target_ci_error(ci[n], pattern)
             if pattern[0] == "dense":  # also by Goodfire's count-only reading, to compare with their numbers
@@ -842,12 +850,12 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
 
 @contextmanager
 def detached_subcomponents(dec, delta=True):
-    """The forward that attribution graphs differentiate. Every mask is 1, so the output is the target's, but each
-    matrix's subcomponent activations a = x V go on as a detached leaf copy a': out = a' U + Δx + bias (without Δx
-    when delta is False). A gradient thus reaches a subcomponent only through the residual stream, norms,
-    nonlinearities, attention and Δ, never through another subcomponent: the paper's stop-gradient on every
-    non-source subcomponent. The first nn.Embedding's output is detached the same way. Yields
-    {path or "embed": (a [..., C] attached, a' leaf)}, filled by each forward."""
+    """The forward that attribution graphs differentiate. Every mask is 1, so the output is the target's, but
+    each matrix's subcomponent activations a = x V go on as a detached leaf copy a': out = a' U + Δx + bias
+    (without Δx when delta is False). A gradient thus reaches a subcomponent only through the residual stream,
+    norms, nonlinearities, attention and Δ, never through another subcomponent: the paper's stop-gradient on
+    every non-source subcomponent. The first nn.Embedding's output is detached the same way. Yields {path or
+    "embed": (a [..., C] attached, a' leaf)}, filled by each forward."""
     acts = {}
 
     def matrix(path, comp, module, inputs, out):
@@ -861,7 +869,7 @@ def detached_subcomponents(dec, delta=True):
         acts["embed"] = (out, out.detach().requires_grad_())
         return acts["embed"][1]
     embed = next((m for m in dec.target.modules() if isinstance(m, nn.Embedding)), None)
-    hooks = [c.register_forward_hook(partial(matrix, n, c)) for n, c in dec.comps.items()]
+    hooks = [comp.register_forward_hook(partial(matrix, path, comp)) for path, comp in dec.comps.items()]
     hooks += [embed.register_forward_hook(embedding)] if embed is not None else []
     try:
         yield acts
@@ -875,7 +883,9 @@ def by_position(t):  # [B, *positions, C] -> [B, P, C]: toy inputs have one posi
 
 
 def repeat(x, k: int):  # one input (a tensor or a dict of keyword inputs) k times along the batch
-    return x.expand(k, *x.shape[1:]) if torch.is_tensor(x) else {n: v.expand(k, *v.shape[1:]) for n, v in x.items()}
+    if torch.is_tensor(x):
+        return x.expand(k, *x.shape[1:])
+    return {n: v.expand(k, *v.shape[1:]) for n, v in x.items()}
 
 
 def attribution_forward(dec, x, delta=True):
@@ -889,78 +899,82 @@ def attribution_forward(dec, x, delta=True):
 
 
 def links(dec, x) -> dict:
-    """Which node kinds reach which without passing through another subcomponent, found by probing gradients with
-    Δ off (only the residual stream, norms, nonlinearities and attention carry them): {target: {source: whether
-    across positions}}, the target "output" being the model's output. In a transformer the links across positions
-    are k/v -> o of one attention block."""
+    """Which node kinds reach which without passing through another subcomponent, found by probing gradients
+    with Δ off (only the residual stream, norms, nonlinearities and attention carry them): {target: {source:
+    whether across positions}}, the target "output" being the model's output. In a transformer the links
+    across positions are k/v -> o of one attention block."""
     out, acts = attribution_forward(dec, x, delta=False)
     found = {}
     for target, value in [(n, acts[n][0]) for n in dec.comps] + [("output", out)]:
         sources = [s for s in acts if s != target]
-        grads = torch.autograd.grad(by_position(value)[:, -1].sum(), [acts[s][1] for s in sources], retain_graph=True,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(by_position(value)[:, -1].sum(), [acts[s][1] for s in sources],
+                                    retain_graph=True, allow_unused=True)
         found[target] = {s: bool(by_position(g)[:, :-1].abs().sum() > 0) for s, g in zip(sources, grads)
                          if g is not None and g.abs().sum() > 0}
     return found
 
 
-def attribution_graph(dec, x, position=-1, threshold=0.0, ci=None, ci_weighted=True, logits=True, output_prob=0.01,
-                      max_outputs=15, max_edges=20_000, batch=64) -> dict:
-    """The attribution graph of one input x ([1, T] tokens, a dict of them, or a toy's [1, d]) for its prediction at
-    `position`. Nodes: (matrix, position, c) with CI > threshold at positions up to `position` (ci [1, ..., ΣC]: the
-    CI function's unless given, e.g. an optimised one); one input node per position (the embedding's output, summed
-    over its width; a toy's input); output nodes: with logits, the tokens whose probability under CI masks exceeds
-    output_prob, at most max_outputs; else the max_outputs largest output coordinates. Edges:
-    attr(s -> t) = ∂a_t/∂a'_s · a'_s · g_s, g_s the source's CI (the paper's formula; ci_weighted=False leaves it
-    out, as Goodfire's app does), between nodes at one position, or across positions where `links` finds them.
-    Returns {"position", "nodes", "edges"}: the max_edges strongest edges by |attribution|."""
+def attribution_graph(dec, x, position=-1, threshold=0.0, ci=None, ci_weighted=True, logits=True,
+                      output_prob=0.01, max_outputs=15, max_edges=20_000, batch=64) -> dict:
+    """The attribution graph of one input x ([1, T] tokens, a dict of them, or a toy's [1, d]) for its
+    prediction at `position`. Nodes: (matrix, position, c) with CI > threshold at positions up to `position`
+    (ci [1, ..., ΣC]: the CI function's unless given, e.g. an optimised one); one input node per position (the
+    embedding's output, summed over its width; a toy's input); output nodes: with logits, the tokens whose
+    probability under CI masks exceeds output_prob, at most max_outputs; else the max_outputs largest output
+    coordinates. Edges: attr(s -> t) = ∂a_t/∂a'_s · a'_s · g_s, g_s the source's CI (the paper's formula;
+    ci_weighted=False leaves it out, as Goodfire's app does), between nodes at one position, or across
+    positions where `links` finds them. Returns {"position", "nodes", "edges"}: the max_edges strongest edges
+    by |attribution|."""
     with torch.no_grad():
         dec(x)
+        a = {n: by_position(comp.input @ comp.V)[0] for n, comp in dec.comps.items()}     # {path: [P, C]}
         ci = dec.causal_importance()[0] if ci is None else ci
-        out_ci = by_position(dec.masked(x, dec.masks(ci, torch.zeros(*ci.shape[:-1], ci.shape[-1] + len(dec.Cs)))))
-    P = by_position(ci).shape[1]
+        none = torch.zeros(*ci.shape[:-1], ci.shape[-1] + len(dec.Cs), device=ci.device)  # m = the CI, δ = 0
+        out_ci = by_position(dec.masked(x, dec.masks(ci, none)))
+    P, device = by_position(ci).shape[1], ci.device
     p = position % P
     cis = {n: by_position(g)[0] for n, g in dec.split(ci).items()}                          # {path: [P, C]}
-    alive = {n: (g > threshold) & (torch.arange(P)[:, None] <= p) for n, g in cis.items()}
+    alive = {n: (g > threshold) & (torch.arange(P, device=device)[:, None] <= p) for n, g in cis.items()}
     score = out_ci[0, p].float().softmax(-1) if logits else out_ci[0, p].abs()
     top = score.topk(min(max_outputs, len(score)))
     outputs = top.indices[(top.values > output_prob) if logits else slice(None)].tolist()
-    targets = [(n, s, c) for n in dec.comps for s, c in alive[n].nonzero().tolist()] + [("output", p, o) for o in outputs]
+    targets = [(n, s, c) for n in dec.comps for s, c in alive[n].nonzero().tolist()]
+    targets += [("output", p, o) for o in outputs]
     link = links(dec, x)
     sources = ["embed", *dec.comps]
-    found = torch.zeros(0, 5)                    # the strongest edges so far: source, s_in, c_in, target, attribution
+    found = torch.zeros(0, 5)  # the strongest edges so far: source, s_in, c_in, target, attribution
     for start in range(0, len(targets), batch):
         chunk = targets[start:start + batch]
         out, acts = attribution_forward(dec, repeat(x, len(chunk)))
         values = {n: by_position(a) for n, (a, _) in acts.items()} | {"output": by_position(out)}
         total = sum(values[t][k, s, c] for k, (t, s, c) in enumerate(chunk))
         grads = torch.autograd.grad(total, [acts[n][1] for n in sources if n in acts], allow_unused=True)
-        pos = torch.arange(P)
-        at = torch.tensor([s for _, s, _ in chunk])[:, None]                                 # [K, 1]
+        pos = torch.arange(P, device=device)
+        at = torch.tensor([s for _, s, _ in chunk], device=device)[:, None]                 # [K, 1]
         for i, (source, grad) in enumerate(zip([n for n in sources if n in acts], grads)):
             if grad is None:
                 continue
             attr = by_position(grad) * by_position(acts[source][1]).detach()                  # [K, P, C]
             if source == "embed":
-                attr, ok = attr.sum(-1, keepdim=True), torch.ones(P, 1, dtype=torch.bool)
+                attr, ok = attr.sum(-1, keepdim=True), torch.ones(P, 1, dtype=torch.bool, device=device)
             else:
                 attr, ok = attr * cis[source] if ci_weighted else attr, alive[source]
-            cross = torch.tensor([link[t].get(source, False) for t, _, _ in chunk])[:, None]
-            linked = torch.tensor([source in link[t] for t, _, _ in chunk])[:, None]
+            cross = torch.tensor([link[t].get(source, False) for t, _, _ in chunk], device=device)[:, None]
+            linked = torch.tensor([source in link[t] for t, _, _ in chunk], device=device)[:, None]
             where = ((pos == at) | (cross & (pos <= at))) & linked                              # [K, P]
             k, s, c = (where[..., None] & ok).nonzero(as_tuple=True)
             new = torch.stack([torch.full_like(k, sources.index(source)), s, c, k + start]).float().T
-            found = torch.cat([found, torch.cat([new, attr[k, s, c].detach().float()[:, None]], 1)])
+            found = torch.cat([found, torch.cat([new, attr[k, s, c].detach().float()[:, None]], 1).cpu()])
         found = found[found[:, 4].abs().argsort(descending=True)[:max_edges]]
-    name = lambda n, s, c: f"embed@{s}" if n == "embed" else f"output:{c}@{s}" if n == "output" else f"{n}:{c}@{s}"
-    with torch.no_grad():
-        a = {n: by_position(dec.comps[n].input @ dec.comps[n].V)[0] for n in dec.comps}      # dec(x) above cached them
+    def name(n, s, c):
+        return f"embed@{s}" if n == "embed" else f"output:{c}@{s}" if n == "output" else f"{n}:{c}@{s}"
     nodes = [{"id": f"embed@{s}", "layer": "embed", "position": s} for s in range(p + 1)]
-    nodes += [{"id": name(n, s, c), "layer": n, "position": s, "c": c, "ci": cis[n][s, c].item(), "act": a[n][s, c].item()}
-              for n, s, c in targets if n != "output"]
-    nodes += [{"id": name("output", p, o), "layer": "output", "position": p, "c": o, "score": score[o].item()} for o in outputs]
-    edges = [{"source": name(sources[int(n)], int(s), int(c)), "target": name(*targets[int(t)]), "attribution": v}
-             for n, s, c, t, v in found.tolist() if v != 0]
+    nodes += [{"id": name(n, s, c), "layer": n, "position": s, "c": c, "ci": cis[n][s, c].item(),
+               "act": a[n][s, c].item()} for n, s, c in targets if n != "output"]
+    nodes += [{"id": name("output", p, o), "layer": "output", "position": p, "c": o, "score": score[o].item()}
+              for o in outputs]
+    edges = [{"source": name(sources[int(n)], int(s), int(c)), "target": name(*targets[int(t)]),
+              "attribution": v} for n, s, c, t, v in found.tolist() if v != 0]
     return {"position": p, "nodes": nodes, "edges": edges}
 
 
@@ -971,14 +985,16 @@ def label_ce(dec, x, masks, label: int, position: int):
 
 
 def prompt_adversary(dec, x, ci, label: int, position: int, steps=4, step_size=1.0, free=None):
-    """Sources [..., ΣC + M] that raise the label's CE under masks g + (1 - g) s: a random start, then sign-gradient
-    steps, each clamped to [0, 1]. Unlike training's adversary, one per entry (not shared), with Δ's channels at 0
-    (no Δ), and 0 outside `free` [..., ΣC] when given (those entries then keep m = g)."""
-    keep = torch.cat([torch.ones_like(ci) if free is None else free.float(), torch.zeros(*ci.shape[:-1], len(dec.Cs))], -1)
+    """Sources [..., ΣC + M] that raise the label's CE under masks g + (1 - g) s: a random start, then
+    sign-gradient steps, each clamped to [0, 1]. Unlike training's adversary, one per entry (not shared), with
+    Δ's channels at 0 (no Δ), and 0 outside `free` [..., ΣC] when given (those entries then keep m = g)."""
+    keep = torch.cat([torch.ones_like(ci) if free is None else free.to(ci.dtype),
+                      torch.zeros(*ci.shape[:-1], len(dec.Cs), device=ci.device)], -1)
     sources = torch.rand_like(keep) * keep
     for _ in range(steps):
         sources.requires_grad_()
-        (grad,) = torch.autograd.grad(label_ce(dec, x, dec.masks(ci.detach(), sources), label, position), [sources])
+        loss = label_ce(dec, x, dec.masks(ci.detach(), sources), label, position)
+        (grad,) = torch.autograd.grad(loss, [sources])
         sources = ((sources + step_size * grad.sign()).clamp(0, 1) * keep).detach()
     return sources
 
@@ -986,23 +1002,23 @@ def prompt_adversary(dec, x, ci, label: int, position: int, steps=4, step_size=1
 def optimise_ci(dec, x, label: int, position=-1, steps=500, lr=1e-2, imp_coeff=0.05, p=0.3, adv_steps=4,
                 threshold=0.0, seed=0):
     """The paper's optimised ("post-hoc") CI of one prompt: AdamW on the pre-sigmoid CI of the alive entries
-    (CI > threshold at positions up to `position`, starting from the CI function's; the rest fixed at 0) to keep
-    the label's CE low under stochastic masks (δ random) and under a small fresh adversary (`prompt_adversary`
-    over the alive entries), plus imp_coeff · importance minimality at p. Returns the optimised CI [1, ..., ΣC],
-    whose nonzero entries are the nodes that survive."""
+    (CI > threshold at positions up to `position`, starting from the CI function's; the rest fixed at 0) to
+    keep the label's CE low under stochastic masks (δ random) and under a small fresh adversary
+    (`prompt_adversary` over the alive entries), plus imp_coeff · importance minimality at p. Returns the
+    optimised CI [1, ..., ΣC], whose nonzero entries are the nodes that survive."""
     torch.manual_seed(seed)
     with torch.no_grad():
         dec(x)
-        z0 = dec.ci_fn({n: c.input for n, c in dec.comps.items()}, dec.comps)
+        z0 = dec.ci_fn({path: comp.input for path, comp in dec.comps.items()}, dec.comps)
     P = by_position(z0).shape[1]
-    before = (torch.arange(P) <= position % P).reshape(*z0.shape[1:-1], 1)
+    before = (torch.arange(P, device=z0.device) <= position % P).reshape(*z0.shape[1:-1], 1)
     alive = (LowerLeakyHardSigmoid.apply(z0) > threshold) & before
     z = z0.clone().requires_grad_()
     opt = torch.optim.AdamW([z], lr=lr, weight_decay=0)
     for _ in range(steps):
         zz = torch.where(alive, z, 0.0)
         g = LowerLeakyHardSigmoid.apply(zz)
-        u = torch.rand(*g.shape[:-1], g.shape[-1] + len(dec.Cs))
+        u = torch.rand(*g.shape[:-1], g.shape[-1] + len(dec.Cs), device=g.device)
         loss = label_ce(dec, x, dec.masks(g, u), label, position)
         loss = loss + imp_coeff * importance_minimality_loss(upper_leaky_hard_sigmoid(zz), p, 0.0)
         if adv_steps:
@@ -1014,18 +1030,21 @@ def optimise_ci(dec, x, label: int, position=-1, steps=500, lr=1e-2, imp_coeff=0
 
 
 @torch.no_grad()
-def faithfulness(dec, x, label: int, ci, position=-1, adv_steps=4, seed=0) -> dict:
+def faithfulness(dec, x, label: int, ci, position=-1, alive=None, adv_steps=4, seed=0) -> dict:
     """The label's probability under the target, CI masks (δ = 0), one stochastic sample (m = g + (1 - g) u,
-    δ ~ U(0, 1)) and a fresh adversary (`prompt_adversary`) on the graph's nodes (CI > 0; every other entry
-    ablated): a faithful graph keeps all four high."""
+    δ ~ U(0, 1)) and a fresh adversary (`prompt_adversary`) over the alive entries (`alive` [..., ΣC], default
+    CI > 0; for an optimised graph, those alive before it was pruned): what the graph keeps at g + (1 - g) s,
+    what it pruned at s, the rest ablated. A faithful graph keeps all four high."""
     torch.manual_seed(seed)
     prob = lambda masks: label_ce(dec, x, masks, label, position).neg().exp().item()
     channels = (*ci.shape[:-1], ci.shape[-1] + len(dec.Cs))
+    alive = ci > 0 if alive is None else alive
     with torch.enable_grad():
-        adversary = prompt_adversary(dec, x, ci, label, position, adv_steps, free=ci > 0)
+        adversary = prompt_adversary(dec, x, ci, label, position, adv_steps, free=alive)
     target = by_position(dec(x))[:, position].float().softmax(-1)[0, label].item()
-    return {"target": target, "ci": prob(dec.masks(ci, torch.zeros(channels))),
-            "stochastic": prob(dec.masks(ci, torch.rand(channels))), "adversarial": prob(dec.masks(ci, adversary))}
+    return {"target": target, "ci": prob(dec.masks(ci, torch.zeros(channels, device=ci.device))),
+            "stochastic": prob(dec.masks(ci, torch.rand(channels, device=ci.device))),
+            "adversarial": prob(dec.masks(ci, adversary))}
 
 
 # -----------------------------------------------------------------------------
@@ -1086,15 +1105,15 @@ def save_checkpoint(path: str, ckpt: dict):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path: str, keys=("config", "step", "components", "target", "ci_fn", "optimizer", "adversary",
-                                     "rng")) -> dict:
+def load_checkpoint(path: str, keys=("config", "step", "components", "target", "ci_fn", "optimizer",
+                                     "adversary", "rng")) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"there is no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's own message would suggest unsafe loading, which a corrupt file does not need
-        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is corrupt (a torn copy?) "
-                           "or not a vpd.py checkpoint") from None
+    except Exception as e:  # torch's message would suggest unsafe loading, which a corrupt file never needs
+        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is corrupt (a torn "
+                           "copy?) or not a vpd.py checkpoint") from None
     missing = set(keys) - set(ckpt)
     if missing:
         raise RuntimeError(f"checkpoint {path} lacks {sorted(missing)}; it is not a vpd.py checkpoint")
@@ -1103,13 +1122,14 @@ def load_checkpoint(path: str, keys=("config", "step", "components", "target", "
 
 def load_decomposition_state(dec, ckpt: dict, path="the checkpoint"):
     """The target, V, U and the CI function of a checkpoint, into a Decomposition built with its config."""
-    mine = {n: tuple(c.V.shape) for n, c in dec.comps.items()}
+    mine = {path: tuple(comp.V.shape) for path, comp in dec.comps.items()}
     theirs = {n: tuple(c["V"].shape) for n, c in ckpt["components"].items()}
     if mine != theirs:
         diff = {n: f"{theirs.get(n, 'absent')} there, {mine.get(n, 'absent')} here" for n in {*mine, *theirs}
                 if mine.get(n) != theirs.get(n)}
-        raise ValueError(f"{path} decomposes other matrices or other C (V [d_in, C]: {diff}); resume with the "
-                         "config it was written with (its config.json), or start afresh in another out_dir")
+        raise ValueError(f"{path} decomposes other matrices or other C (V [d_in, C]: {diff}); resume with "
+                         "the config it was written with (its config.json), or start afresh in another "
+                         "out_dir")
     state = dict(ckpt["target"])
     for n, comp in ckpt["components"].items():
         state[f"{n}.V"], state[f"{n}.U"] = comp["V"], comp["U"]
@@ -1117,7 +1137,8 @@ def load_decomposition_state(dec, ckpt: dict, path="the checkpoint"):
     try:
         dec.ci_fn.load_state_dict(ckpt["ci_fn"])
     except RuntimeError as e:
-        raise ValueError(f"{path} holds another CI function (ci_fn and its sizes must match the config):\n{e}") from None
+        raise ValueError(f"{path} holds another CI function (ci_fn and its sizes must match the config):"
+                         f"\n{e}") from None
 
 
 def load_decomposition(path: str, device="cpu"):
@@ -1135,99 +1156,127 @@ def load_decomposition(path: str, device="cpu"):
     dec = Decomposition(copy.deepcopy(target), cfg)
     load_decomposition_state(dec, ckpt, path)
     dec.to(device).eval()
-    components = {n: {"V": c.V.detach(), "U": c.U.detach()} for n, c in dec.comps.items()}
+    components = {path: {"V": comp.V.detach(), "U": comp.U.detach()} for path, comp in dec.comps.items()}
     return target, dec, components, tcfg, cfg
 
 
 def import_goodfire(run: str, out_dir: str, n_heads: int = None) -> str:
-    """Goodfire's saved decomposition -> out_dir/ckpt.pt, a checkpoint that load_decomposition and edit.py read.
-    run: a directory with model_<step>.pth and final_config.yaml (older runs) or run_meta.yaml, or
-    "wandb:entity/project/runs/id" (downloaded once into out/goodfire/). Their state dict holds target_model.<the
-    target's keys>, _components.<path, "-" for ".">.{V, U} in our orientation, and ci_fn._global_ci_fn.* for their
-    global shared transformer: an input projector, pre-norm blocks with parameter-free RMSNorms, separate q, k, v, out
-    projections, an MLP with biases, no final norm, an output head; their Linear stores W as [in, out]. Only that CI
-    function, the leaky-hard sigmoid and a LlamaSimpleMLP target; anything else is refused by name. n_heads: the
-    target's, which the decomposition's files do not hold (a model_config.yaml beside them is read if present)."""
+    """Goodfire's saved decomposition -> out_dir/ckpt.pt, a checkpoint that load_decomposition and edit.py
+    read. run: a directory with model_<step>.pth and final_config.yaml (older runs) or run_meta.yaml, or
+    "wandb:entity/project/runs/id" (downloaded once into out/goodfire/). Their state dict holds
+    target_model.<the target's keys>, _components.<path, "-" for ".">.{V, U} in our orientation, and
+    ci_fn._global_ci_fn.* for their global shared transformer: an input projector, pre-norm blocks with
+    parameter-free RMSNorms, separate q, k, v, out projections, an MLP with biases, no final norm, an output
+    head; their Linear stores W as [in, out]. Only that CI function, the leaky-hard sigmoid and a
+    LlamaSimpleMLP target; anything else is refused by name. n_heads: the target's, which the decomposition's
+    files do not hold (a model_config.yaml beside them is read if present)."""
     import yaml
     if run.startswith("wandb:"):
-        run = os.path.dirname(models.download_wandb(run, r"model_(\d+)\.pth", out_dir="out/goodfire",
-                                                    also=("final_config.yaml", "run_meta.yaml", "model_config.yaml")))
-    steps = {int(m[1]): f for f in glob.glob(os.path.join(run, "model_*.pth"))
+        yamls = ("final_config.yaml", "run_meta.yaml", "model_config.yaml")
+        run = os.path.dirname(models.download_wandb(run, r"model_(\d+)\.pth", yamls, out_dir="out/goodfire"))
+    steps = {int(m[1]): f for f in glob.glob(f"{run}/model_*.pth")
              if (m := re.fullmatch(r"model_(\d+)\.pth", os.path.basename(f)))}
-    meta = [os.path.join(run, f) for f in ("run_meta.yaml", "final_config.yaml") if os.path.exists(os.path.join(run, f))]
+    meta = [f for f in (f"{run}/run_meta.yaml", f"{run}/final_config.yaml") if os.path.exists(f)]
     if not steps or not meta:
-        raise FileNotFoundError(f"{run} should hold Goodfire's model_<step>.pth and final_config.yaml or run_meta.yaml; "
-                                f"it holds {sorted(os.listdir(run)) if os.path.isdir(run) else 'nothing (no directory)'}")
+        held = sorted(os.listdir(run)) if os.path.isdir(run) else "nothing (no directory)"
+        raise FileNotFoundError(f"{run} should hold Goodfire's model_<step>.pth and final_config.yaml or "
+                                f"run_meta.yaml; it holds {held}")
     raw = yaml.safe_load(open(meta[0]))
     if "pd" in raw:  # run_meta.yaml, after their refactor
-        pd, data, target_class, targets = raw["pd"], raw.get("data", {}), raw["target"]["spec"]["model_class"], "decomposition_targets"
+        pd, data, targets = raw["pd"], raw.get("data", {}), raw["pd"]["decomposition_targets"]
+        target_class = raw["target"]["spec"]["model_class"]
     else:            # final_config.yaml
-        pd, data, target_class, targets = raw, raw.get("task_config", {}), raw.get("pretrained_model_class", ""), "module_info"
-    ci, sizes = pd["ci_config"], pd["ci_config"].get("simple_transformer_ci_cfg") or {}
-    refused = {"ci_config.fn_type": ci.get("fn_type") != "global_shared_transformer",
-               "sigmoid_type": pd.get("sigmoid_type", "leaky_hard") != "leaky_hard",
-               "target class": not target_class.endswith("LlamaSimpleMLP"),
-               "identity targets": bool(pd.get("identity_module_info") or pd.get("identity_decomposition_targets")),
-               "use_delta_component": pd.get("use_delta_component", True) is False,
-               "an MLP of other than one hidden layer": len(sizes.get("mlp_hidden_dim") or [0]) != 1,
-               "attn_config.rope_base": (sizes.get("attn_config") or {}).get("rope_base", 10000.0) != 10000.0}
+        pd, data, targets = raw, raw.get("task_config", {}), raw["module_info"]
+        target_class = raw.get("pretrained_model_class", "")
+    ci = pd["ci_config"]
+    sizes = ci.get("simple_transformer_ci_cfg") or {}
+    attn = sizes.get("attn_config") or {}
+    hidden = sizes.get("mlp_hidden_dim") or [4 * sizes.get("d_model", 0)]  # null: their default, 4 d_model
+    refused = {f"ci_config.fn_type {ci.get('fn_type')}": ci.get("fn_type") != "global_shared_transformer",
+               f"sigmoid_type {pd.get('sigmoid_type')}": pd.get("sigmoid_type", "leaky_hard") != "leaky_hard",
+               f"target class {target_class}": not target_class.endswith("LlamaSimpleMLP"),
+               "identity targets": bool(pd.get("identity_module_info")
+                                        or pd.get("identity_decomposition_targets")),
+               "use_delta_component false": pd.get("use_delta_component", True) is False,
+               "an MLP of other than one hidden layer": len(hidden) != 1,
+               f"attn_config.rope_base {attn.get('rope_base')}": attn.get("rope_base", 10000.0) != 10000.0}
     if any(refused.values()):
-        values = {"ci_config.fn_type": ci.get("fn_type"), "sigmoid_type": pd.get("sigmoid_type"),
-                  "target class": target_class, "attn_config.rope_base": (sizes.get("attn_config") or {}).get("rope_base")}
-        raise ValueError(f"{meta[0]}: vpd.py imports Goodfire's global_shared_transformer CI with the leaky_hard sigmoid "
-                         "(RoPE base 1e4, one MLP hidden layer) on a LlamaSimpleMLP target with the delta component "
-                         "and no identity targets; not supported here: "
-                         + ", ".join(f"{k} {values.get(k, '')}".strip() for k, bad in refused.items() if bad))
+        raise ValueError(f"{meta[0]}: vpd.py imports Goodfire's global_shared_transformer CI with the "
+                         "leaky_hard sigmoid (RoPE base 1e4, one MLP hidden layer) on a LlamaSimpleMLP "
+                         "target with the delta component and no identity targets; not supported here: "
+                         + ", ".join(k for k, bad in refused.items() if bad))
     step = max(steps)
-    sd = torch.load(steps[step], map_location="cpu", weights_only=True)
-    target = {k.removeprefix("target_model."): v for k, v in sd.items() if k.startswith("target_model.")}
-    comps = {}
-    for k, v in sd.items():
-        name, _, kind = k.removeprefix("_components.").rpartition(".")
-        if k.startswith("_components.") and kind in ("V", "U"):  # .bias is the target's own, in target_model
+    state = torch.load(steps[step], map_location="cpu", weights_only=True)
+    parts = {prefix: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+             for prefix in ("target_model.", "_components.", "ci_fn._global_ci_fn.")}
+    if sum(map(len, parts.values())) != len(state):
+        other = next(k for k in state if not k.startswith(tuple(parts)))
+        raise ValueError(f"{steps[step]} holds keys of no global CI transformer decomposition, e.g. {other}")
+    target, theirs, comps = parts["target_model."], parts["ci_fn._global_ci_fn."], {}
+    for k, v in parts["_components."].items():  # .bias is the target's own, in target_model
+        name, _, kind = k.rpartition(".")
+        if kind in ("V", "U"):
             comps.setdefault(name.replace("-", "."), {})[kind] = v
-    theirs = {k.removeprefix("ci_fn._global_ci_fn."): v for k, v in sd.items() if k.startswith("ci_fn._global_ci_fn.")}
-    if any(not k.startswith(("target_model.", "_components.", "ci_fn._global_ci_fn.")) for k in sd):
-        raise ValueError(f"{steps[step]} holds keys of no global CI transformer decomposition, e.g. "
-                         f"{next(k for k in sd if not k.startswith(('target_model.', '_components.', 'ci_fn._global_ci_fn.')))}")
     n_blocks, d_model = sizes["n_blocks"], sizes["d_model"]
-    try:
-        ci_state = {"proj_in.weight": theirs.pop("_input_projector.W").T, "proj_in.bias": theirs.pop("_input_projector.b"),
-                    "proj_out.weight": theirs.pop("_output_head.W").T, "proj_out.bias": theirs.pop("_output_head.b")}
+    try:  # their names -> ours; their Linear's W [in, out] -> ours [out, in]; q, k, v fused into one matrix
+        ci_state = {"proj_in.weight": theirs.pop("_input_projector.W").T,
+                    "proj_in.bias": theirs.pop("_input_projector.b"),
+                    "proj_out.weight": theirs.pop("_output_head.W").T,
+                    "proj_out.bias": theirs.pop("_output_head.b")}
         for i in range(n_blocks):
             b, ours = f"_blocks.{i}.", f"blocks.{i}."
-            ci_state[ours + "qkv.weight"] = torch.cat([theirs.pop(f"{b}attn.{n}_proj.weight") for n in "qkv"])  # fused
+            ci_state[ours + "qkv.weight"] = torch.cat([theirs.pop(f"{b}attn.{n}_proj.weight") for n in "qkv"])
             ci_state[ours + "proj.weight"] = theirs.pop(b + "attn.out_proj.weight")
-            theirs.pop(b + "attn.rope.inv_freq")  # base 1e4 over the whole head, as models.rope computes it
+            inv_freq = theirs.pop(b + "attn.rope.inv_freq")  # models.rope's: base 1e4 over the whole head
+            half = len(inv_freq)
+            if not torch.allclose(inv_freq.float(), 1e4 ** (-torch.arange(half) / half), rtol=1e-5):
+                raise ValueError(f"{steps[step]}: block {i}'s RoPE frequencies are not base 1e4's")
             for j in (0, 2):
                 ci_state[f"{ours}mlp.{j}.weight"] = theirs.pop(f"{b}mlp.{j}.W").T
                 ci_state[f"{ours}mlp.{j}.bias"] = theirs.pop(f"{b}mlp.{j}.b")
-            ci_state[ours + "norm1.weight"] = ci_state[ours + "norm2.weight"] = torch.ones(d_model)  # theirs: no weight
+            ci_state[ours + "norm1.weight"] = ci_state[ours + "norm2.weight"] = torch.ones(d_model)
     except KeyError as e:
-        raise ValueError(f"{steps[step]} lacks the CI transformer's key ci_fn._global_ci_fn.{e.args[0]}") from None
+        raise ValueError(f"{steps[step]} lacks the CI transformer's key "
+                         f"ci_fn._global_ci_fn.{e.args[0]}") from None
     if theirs:
-        raise ValueError(f"{steps[step]}: CI function keys that a {n_blocks}-block transformer does not have: {sorted(theirs)[:4]}")
-    model_config = os.path.join(run, "model_config.yaml")
-    n_heads = yaml.safe_load(open(model_config))["n_head"] if os.path.exists(model_config) else n_heads
+        raise ValueError(f"{steps[step]}: CI function keys no {n_blocks}-block transformer has: "
+                         f"{sorted(theirs)[:4]}")
+    if os.path.exists(f"{run}/model_config.yaml"):  # the target run's own config, if downloaded beside it
+        target_cfg = yaml.safe_load(open(f"{run}/model_config.yaml"))
+        if n_heads not in (None, target_cfg["n_head"]):
+            raise ValueError(f"--n_heads={n_heads}, but {run}/model_config.yaml says n_head "
+                             f"{target_cfg['n_head']}")
+        n_heads = target_cfg["n_head"]
+        ours = {"rotary_base": 10000, "rotary_adjacent_pairs": False, "n_key_value_heads": n_heads,
+                "rms_norm_eps": 1e-6}
+        other = {k: target_cfg[k] for k, v in ours.items() if target_cfg.get(k, v) not in (v, None)}
+        if other:
+            raise ValueError(f"{run}/model_config.yaml describes a target models.LlamaSimpleMLP is not: "
+                             f"{other}")
     if n_heads is None:
-        raise ValueError(f"{run} does not say the target's number of attention heads: pass --n_heads (Pile-4L: 6)")
+        raise ValueError(f"{run} does not say the target's number of attention heads: pass --n_heads "
+                         "(Pile-4L: 6)")
     vocab, d = target["wte.weight"].shape
-    tcfg = models.TargetConfig(model="llama_simple_mlp", n_layers=1 + max(int(k.split(".")[1]) for k in target if k.startswith("h.")),
-                               d_model=d, n_heads=n_heads, d_mlp=target["h.0.mlp.c_fc.weight"].shape[0], vocab_size=vocab,
-                               seq_len=data.get("max_seq_len", 512), dataset=data.get("dataset_name", "random"), train_target=False)
-    cfg = Config(out_dir=out_dir, modules={t["module_pattern"]: t["C"] for t in pd[targets]}, ci_fn="transformer",
-                 ci_d_model=d_model, ci_n_blocks=n_blocks, ci_n_heads=sizes["attn_config"]["n_heads"],
-                 ci_d_mlp=sizes["mlp_hidden_dim"][0], ci_mlp_bias=True, ci_final_norm=False, recon_loss="kl",
+    n_layers = 1 + max(int(k.split(".")[1]) for k in target if k.startswith("h."))
+    tcfg = models.TargetConfig(model="llama_simple_mlp", n_layers=n_layers, d_model=d, n_heads=n_heads,
+                               d_mlp=target["h.0.mlp.c_fc.weight"].shape[0], vocab_size=vocab,
+                               seq_len=data.get("max_seq_len", 512),
+                               dataset=data.get("dataset_name", "random"), train_target=False)
+    cfg = Config(out_dir=out_dir, modules={t["module_pattern"]: t["C"] for t in targets}, ci_fn="transformer",
+                 ci_d_model=d_model, ci_n_blocks=n_blocks, ci_n_heads=attn["n_heads"],
+                 ci_d_mlp=hidden[0], ci_mlp_bias=True, ci_final_norm=False, recon_loss="kl",
                  ci_threshold=0.0, steps=pd.get("steps", step), batch_size=pd.get("batch_size", 1))
-    ckpt = {"config": {**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)}, "step": step, "components": comps,
-            "target": target, "ci_fn": ci_state}
-    with torch.device("meta"):  # every tensor where our model expects it, at its shape, before anything is written
+    ckpt = {"config": {**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)}, "step": step,
+            "components": comps, "target": target, "ci_fn": ci_state}
+    with torch.device("meta"):  # every tensor where our model expects it, before anything is written
         dec = Decomposition(models.build_model(tcfg), cfg)
     want = {"components": {n: {"V": c.V.shape, "U": c.U.shape} for n, c in dec.comps.items()},
-            "target": {k: v.shape for k, v in dec.target.state_dict().items() if not k.endswith((".V", ".U"))},
+            "target": {k: v.shape for k, v in dec.target.state_dict().items()
+                       if not k.endswith((".V", ".U"))},
             "ci_fn": {k: v.shape for k, v in dec.ci_fn.state_dict().items()}}
     for part, shapes in want.items():
-        got = {k: ({kk: vv.shape for kk, vv in v.items()} if part == "components" else v.shape) for k, v in ckpt[part].items()}
+        got = {k: {kk: vv.shape for kk, vv in v.items()} if part == "components" else v.shape
+               for k, v in ckpt[part].items()}
         if got != shapes:
             diff = sorted(k for k in {*got, *shapes} if got.get(k) != shapes.get(k))
             raise ValueError(f"{steps[step]}: its {part} do not fit the translated config, at {diff[:4]}")
@@ -1238,50 +1287,71 @@ def import_goodfire(run: str, out_dir: str, n_heads: int = None) -> str:
     return os.path.join(out_dir, "ckpt.pt")
 
 
-class RunFiles:
-    """out_dir's files: ckpt.pt (and under torchrun each further rank's ckpt_rank{r}.pt, with its own
-    adversary and noise state) and metrics.jsonl; resume, checkpoint, log."""
+class Run:
+    """The plumbing of one train() call: each process's own noise, compilation, the memory plan and a step's
+    FLOPs (Appendix C); out_dir's files: ckpt.pt (and under torchrun each further rank's ckpt_rank{r}.pt, its
+    own adversary and noise) and metrics.jsonl, set aside by a fresh run or loaded on resume; the log, the
+    timing and the figures."""
 
-    def __init__(self, cfg: Config, rank: int, run_config=None):
-        self.cfg, self.rank, self.run_config = cfg, rank, run_config or dataclasses.asdict(cfg)
+    def __init__(self, cfg: Config, dec, opt, adversary, get_batch, truth=None, run_config=None):
+        self.cfg, self.dec, self.opt, self.adversary, self.truth = cfg, dec, opt, adversary, truth
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if self.rank:  # each process its own masks, routing and adversary; rank 0 the single-process stream
+            torch.manual_seed(cfg.seed + 1_000_003 * self.rank)
+        self.get_batch, device = unpadded(get_batch), dec.target_device()
+        bf16 = cfg.dtype == "bfloat16" and device.type == "cuda"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+        if cfg.compile:
+            compile_hot_paths(dec, adversary)
+        self.flops, self.peak = preflight(dec, cfg, self.get_batch, self.autocast, truth, self.rank == 0)
+        self.run_config = run_config or dataclasses.asdict(cfg)
         os.makedirs(cfg.out_dir, exist_ok=True)
-        self.ckpt_path, self.metrics_path = (os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "metrics.jsonl"))
-        self.rank_path = os.path.join(cfg.out_dir, f"ckpt_rank{rank}.pt")
+        self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.rank_path = os.path.join(cfg.out_dir, f"ckpt_rank{self.rank}.pt")
         self.written = None    # the step of the last checkpoint this run wrote or resumed from
         self.evaluated = None  # the step of the last evaluation in metrics.jsonl
+        self.start = self.resume() if cfg.init_from == "resume" else self.fresh()
+        if self.start >= cfg.steps:
+            print(f"step {self.start} of {cfg.steps}: nothing to train; evaluating the decomposition")
+        self.step_ms = []
 
-    def fresh(self):
+    def fresh(self) -> int:
         """A new run: set an earlier run's files aside (its checkpoint kept, where no resume will take it)."""
         if self.rank == 0 and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)
         if self.rank == 0 and os.path.exists(self.ckpt_path):
             os.replace(self.ckpt_path, self.ckpt_path + ".prev")
             print(f"a fresh run: the earlier {self.ckpt_path} is now {self.ckpt_path}.prev")
-        if self.rank == 0:  # every rank's file: a world of another size left some that no rank of this one writes
+        if self.rank == 0:  # every rank's file: a world of another size left some no rank of this one writes
             for path in glob.glob(os.path.join(self.cfg.out_dir, "ckpt_rank*.pt")):
                 os.replace(path, path + ".prev")
+        return 0
 
-    def resume(self, dec, opt, adversary) -> int:
+    def resume(self) -> int:
         ckpt = load_checkpoint(self.ckpt_path)
-        load_decomposition_state(dec, ckpt, self.ckpt_path)
-        opt.load_state_dict(ckpt["optimizer"])
-        for group in opt.param_groups:  # the config's, not the saved one (lr is set at every step)
+        load_decomposition_state(self.dec, ckpt, self.ckpt_path)
+        self.opt.load_state_dict(ckpt["optimizer"])
+        for group in self.opt.param_groups:  # the config's, not the saved one (lr is set at every step)
             group["weight_decay"] = self.cfg.weight_decay
         start = self.written = ckpt["step"]
         if ckpt["config"].get("steps") != self.cfg.steps:  # the schedules are functions of step / steps
-            print(f"resuming a run of {ckpt['config'].get('steps')} steps as one of {self.cfg.steps}: the p, lr and "
-                  "adversary schedules now span the new length")
-        own = ckpt  # rank 0's adversary and noise state; the other ranks' are in their own files
+            print(f"resuming a run of {ckpt['config'].get('steps')} steps as one of {self.cfg.steps}: the p, "
+                  "lr and adversary schedules now span the new length")
+        own = ckpt  # rank 0's adversary and noise; the other ranks' are in their own files
         if self.rank:
-            own = load_checkpoint(self.rank_path, ("step", "adversary", "rng")) if os.path.exists(self.rank_path) else {"step": None}
-        device = dec.target_device()
+            exists = os.path.exists(self.rank_path)
+            own = load_checkpoint(self.rank_path, ("step", "adversary", "rng")) if exists else {"step": None}
+        device = self.dec.target_device()
         if own["step"] == start:
-            adversary.load_state_dict({k: v.to(device) if torch.is_tensor(v) else v for k, v in own["adversary"].items()})
+            self.adversary.load_state_dict({k: v.to(device) if torch.is_tensor(v) else v
+                                            for k, v in own["adversary"].items()})
             torch.set_rng_state(own["rng"]["cpu"])
             if device.type == "cuda" and "cuda" in own["rng"]:  # absent when the run moved from the CPU
                 torch.cuda.set_rng_state(own["rng"]["cuda"], device)
         else:  # no file of this rank at this step (another world size, or a crash between the writes)
-            print(f"rank {self.rank}: no state at step {start} in {self.rank_path}; its adversary and noise start afresh")
+            print(f"rank {self.rank}: no state at step {start} in {self.rank_path}; its adversary and noise "
+                  "start afresh")
         if self.rank == 0 and os.path.exists(self.metrics_path):  # drop what was logged after the checkpoint,
             with open(self.metrics_path) as f:                   # and a last line a crash tore (no newline)
                 kept = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= start]
@@ -1293,36 +1363,65 @@ class RunFiles:
             print(f"resuming from {self.ckpt_path} at step {start}")
         return start
 
+    def steps(self):
+        """The steps left, with a progress bar; the clock runs while they train, not while they log, save or
+        evaluate."""
+        self.t, self.t_step = time.perf_counter(), self.start
+        bar = tqdm(range(self.start, self.cfg.steps), initial=self.start, total=self.cfg.steps,
+                   disable=self.rank > 0, dynamic_ncols=True)
+        for step in bar:
+            yield step
+            if any(due(step + 1, interval, self.cfg.steps) for interval in
+                   (self.cfg.log_interval, self.cfg.ckpt_interval, self.cfg.eval_interval)):
+                self.t, self.t_step = time.perf_counter(), step + 1
+
     def last_good(self) -> str:
-        return (f"the last good checkpoint is {self.ckpt_path} (step {self.written})" if self.written is not None
-                else "no checkpoint was written yet")
+        if self.written is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint is {self.ckpt_path} (step {self.written})"
 
-    def check_finite(self, total, losses, step):
-        finite = torch.isfinite(total.detach()).float()
-        if world_size() > 1:  # one rank's NaN stops every rank (alone, the others would hang in all-reduce)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite:
-            raise FloatingPointError(f"step {step}: the loss is {total.item()} "
-                                     f"({ {k: v.item() for k, v in losses.items()} }); {self.last_good()}")
-
-    def checkpoint(self, step, dec, opt, adversary, params):
-        if not all(torch.isfinite(prm).all() for prm in params):  # a finite loss can still leave NaN gradients
+    def checkpoint(self, step):
+        dec, params = self.dec, [p for p in self.dec.parameters() if p.requires_grad]
+        if not all(torch.isfinite(prm).all() for prm in params):  # a finite loss can leave NaN gradients
             raise FloatingPointError(f"step {step}: non-finite weights; {self.last_good()}")
         device = dec.target_device()
-        own = {"step": step, "adversary": adversary.state_dict(), "rng": {"cpu": torch.get_rng_state(),
+        own = {"step": step, "adversary": self.adversary.state_dict(), "rng": {"cpu": torch.get_rng_state(),
                **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}}
         if self.rank:
             save_checkpoint(self.rank_path, own)
         if world_size() > 1:
             dist.barrier()  # the other ranks' files are written before ckpt.pt moves on to this step
         if self.rank == 0:
-            sd = dec.target.state_dict()
+            state = dec.target.state_dict()
             save_checkpoint(self.ckpt_path, {
                 "config": self.run_config, **own,
-                "components": {n: {"V": c.V.detach().cpu(), "U": c.U.detach().cpu()} for n, c in dec.comps.items()},
-                "target": {k: v.cpu() for k, v in sd.items() if not k.endswith((".V", ".U"))},
-                "ci_fn": dec.ci_fn.state_dict(), "optimizer": opt.state_dict()})
+                "components": {path: {"V": comp.V.detach().cpu(), "U": comp.U.detach().cpu()}
+                               for path, comp in dec.comps.items()},
+                "target": {k: v.cpu() for k, v in state.items() if not k.endswith((".V", ".U"))},
+                "ci_fn": dec.ci_fn.state_dict(), "optimizer": self.opt.state_dict()})
         self.written = step
+
+    def log_losses(self, step, losses: dict, total, p, lr):
+        """The loss terms (mean over processes), p, lr, and the speed since the last log line: ms per step,
+        positions (tokens) per second, TFLOP/s and MFU per process, peak memory."""
+        values = torch.stack([v.detach().float() for v in losses.values()] + [total.detach()])
+        values = mean_over_processes(values)
+        device = self.dec.target_device()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt, n = time.perf_counter() - self.t, step - self.t_step
+        self.step_ms.append(1000 * dt / n)
+        self.tokens_per_step = self.dec.n_positions() * world_size()  # every step's batch has the same shape
+        tflops = self.flops * n / dt / 1e12
+        self.log({"step": step, **dict(zip([*losses, "total"], values.tolist())), "p": p, "lr": lr,
+                  "ms_per_step": self.step_ms[-1], "tokens_per_s": self.tokens_per_step * n / dt,
+                  "tflops": tflops, **({"mfu": tflops / self.peak} if self.peak else {}),
+                  "peak_mem_gb": peak_memory_gb(device)})
+
+    def log_evaluation(self, step, metrics: dict) -> dict:
+        metrics = {"step": step, **metrics}
+        self.log(metrics, eval_line=True)
+        return metrics
 
     def log(self, record, eval_line=False):
         if self.rank or (eval_line and record["step"] == self.evaluated):  # an evaluation is logged once
@@ -1332,38 +1431,26 @@ class RunFiles:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if eval_line:  # the headline metrics; all of them are in metrics.jsonl
-            record = {k: v for k, v in record.items() if "/" not in k or k.endswith("total") or k.startswith(("recon", "ce/"))}
-        tqdm.write(("eval " if eval_line else "") + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                             for k, v in record.items()))
+            record = {k: v for k, v in record.items()
+                      if "/" not in k or k.endswith("total") or k.startswith(("recon", "ce/"))}
+        tqdm.write(("eval " if eval_line else "") + " ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
-
-class Timer:
-    """ms per training step, positions (tokens) per second, TFLOP/s and MFU between log lines."""
-
-    def __init__(self, device, step):
-        self.device, self.step_ms = device, []
-        self.reset(step)
-
-    def reset(self, step):
-        self.t, self.step, self.positions = time.perf_counter(), step, 0
-
-    def lap(self, step, flops, peak) -> dict:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt, n = time.perf_counter() - self.t, step - self.step
-        self.step_ms.append(1000 * dt / n)
-        self.tokens_per_step, tflops = self.positions / n, flops * n / dt / 1e12  # per process
-        return {"ms_per_step": self.step_ms[-1], "tokens_per_s": self.positions / dt, "tflops": tflops,
-                **({"mfu": tflops / peak} if peak else {}), "peak_mem_gb": peak_memory_gb(self.device)}
-
-    def summary(self, flops, peak):
-        if len(self.step_ms) > 1:  # the first interval, with warm-up and compilation, left out
+    def close(self):
+        """The median speed over the logged intervals (the first, with warm-up and compilation, left out) and
+        the figures."""
+        if self.rank == 0 and len(self.step_ms) > 1:
             ms = sorted(self.step_ms[1:])[len(self.step_ms[1:]) // 2]
-            tflops = flops / ms / 1e9
-            print(f"median ms/step {ms:.1f} over {len(self.step_ms) - 1} logged intervals (the first, with warm-up "
-                  f"and compilation, left out): {self.tokens_per_step / ms * 1000:.0f} tokens/s, "
-                  + (f"{tflops:.1f} TFLOP/s, MFU {tflops / peak:.1%} of {peak} TFLOP/s" if peak else
-                     f"{1000 * tflops:.1f} GFLOP/s per process"))
+            tflops = self.flops / ms / 1e9
+            speed = (f"{tflops:.1f} TFLOP/s, MFU {tflops / self.peak:.1%} of {self.peak} TFLOP/s" if self.peak
+                     else f"{1000 * tflops:.1f} GFLOP/s per process")
+            print(f"median ms/step {ms:.1f} over {len(self.step_ms) - 1} logged intervals (the first, with "
+                  f"warm-up and compilation, left out): {self.tokens_per_step / ms * 1000:.0f} tokens/s, "
+                  + speed)
+        if self.rank == 0:
+            save_figures(self.dec, self.truth, self.cfg.out_dir)
+        if world_size() > 1:  # every process leaves together: none tears down its process group, or reads
+            dist.barrier()    # out_dir, while rank 0 is still writing it
 
 
 # -----------------------------------------------------------------------------
@@ -1376,7 +1463,7 @@ def compile_hot_paths(dec, adversary):
     which gains nothing on a CPU."""
     dec.causal_importance = torch.compile(dec.causal_importance)
     if dec.target_device().type == "cuda":
-        dec.recon = torch.compile(recon_loss, dynamic=True)
+        dec.recon_loss = torch.compile(recon_loss, dynamic=True)
         adversary.update = torch.compile(adversary.update)
 
 
@@ -1384,10 +1471,15 @@ def preflight(dec, cfg, get_batch, autocast, truth=None, verbose=True):
     """Before the first step: the memory plan (stops a run that cannot fit), the FLOPs of one step and the
     device's peak (for MFU), and what would otherwise fail only at the first evaluation: a missing
     validation split, or a toy's expected dense block larger than C."""
-    for n, (kind, k) in (truth or {}).get("patterns", {}).items():
-        if kind == "dense" and n in dec.comps and k > dec.comps[n].V.shape[1]:
-            raise ValueError(f"{n} should use a dense block of {k} subcomponents, more than its C = "
-                             f"{dec.comps[n].V.shape[1]}: give it C >= {k}")
+    if truth is not None:  # a toy's expected CI patterns, scored on the untrained CI: fail now if they cannot
+        with torch.compiler.set_stance("force_eager"):
+            ci = probe_ci(dec, truth["probes"])
+        for path, pattern in truth["patterns"].items():
+            if path in dec.comps:
+                try:
+                    target_ci_error(ci[path], pattern)
+                except ValueError as e:
+                    raise ValueError(f"{path}: {e}") from None
     if verbose and cfg.dtype == "bfloat16" and dec.target_device().type != "cuda":
         print("dtype bfloat16 means autocast on CUDA; this run on the CPU is float32")
     x = get_batch("train", 0)[0]
@@ -1395,7 +1487,8 @@ def preflight(dec, cfg, get_batch, autocast, truth=None, verbose=True):
     check_memory(memory_plan(dec, cfg, x, activations), dec.target_device(), cfg, verbose)
     peak = peak_tflops(cfg, dec.target_device())
     if verbose:
-        print(f"one training step: {flops / 1e9:.1f} GFLOP per process" + (f"; peak {peak} TFLOP/s" if peak else ""))
+        print(f"one training step: {flops / 1e9:.1f} GFLOP per process"
+              + (f"; peak {peak} TFLOP/s" if peak else ""))
     if cfg.eval_interval > 0:
         get_batch("val", 0)
     return flops, peak
@@ -1408,8 +1501,9 @@ def unpadded(get_batch):
     def checked(split, step):
         x, y = get_batch(split, step)
         if isinstance(x, dict) and "attention_mask" in x and not bool(x["attention_mask"].all()):
-            raise ValueError(f"the {split} batch of step {step} is padded (attention_mask has zeros): vpd.py needs "
-                             "whole sequences; pack the text into rows of seq_len tokens instead of padding")
+            raise ValueError(f"the {split} batch of step {step} is padded (attention_mask has zeros): vpd.py "
+                             "needs whole sequences; pack the text into rows of seq_len tokens instead of "
+                             "padding")
         return x, y
     return checked
 
@@ -1432,9 +1526,9 @@ def measure_step(dec, cfg, x, autocast=nullcontext()):
     transients included; 0 on a CPU, which keeps no such statistics."""
     device, measured = dec.target_device(), []
     cuda = device.type == "cuda"
-    for n in (1, 2):
+    for samples in (1, 2):
         if cuda:
-            for p in dec.parameters():  # as in training, where a step's gradients live until the next backward
+            for p in dec.parameters():  # as in training, where a step's gradients live until the next one
                 if p.requires_grad:
                     p.grad = torch.zeros_like(p)
             base = torch.cuda.memory_allocated(device)
@@ -1442,7 +1536,8 @@ def measure_step(dec, cfg, x, autocast=nullcontext()):
         adversary = Adversary()
         with (torch.random.fork_rng([device] if cuda else []), torch.compiler.set_stance("force_eager"),
               FlopCounterMode(display=False) as counter):
-            losses, _ = training_losses(dec, first_samples(x, n), adversary, cfg, cfg.p_start, 0.0, autocast)
+            losses, _ = training_losses(dec, first_samples(x, samples), adversary, cfg, cfg.p_start, 0.0,
+                                        autocast)
             sum(losses.values()).backward()
         dec.zero_grad(set_to_none=True)
         state = 12 * adversary.sources.numel() if adversary.sources is not None else 0
@@ -1456,9 +1551,10 @@ def memory_plan(dec, cfg, x, activations: int) -> dict:
     """Bytes one process needs for training, by item."""
     trainable = sum(p.numel() for p in dec.parameters() if p.requires_grad)
     positions = next(iter(dec.comps.values())).input[0, ..., 0].numel() * n_samples(x)  # per process
-    plan = {"target weights": sum(p.numel() * p.element_size() for p in dec.target.parameters() if not p.requires_grad),
-            "V, U, CI function": 4 * trainable, "gradients and AdamW moments": 12 * trainable,
-            "adversary sources and moments": 12 * positions * (sum(dec.Cs) + len(dec.Cs)) if cfg.adv_coeff else 0,
+    frozen = sum(p.numel() * p.element_size() for p in dec.target.parameters() if not p.requires_grad)
+    sources = positions * (sum(dec.Cs) + len(dec.Cs)) if cfg.adv_coeff else 0
+    plan = {"target weights": frozen, "V, U, CI function": 4 * trainable,
+            "gradients and AdamW moments": 12 * trainable, "adversary sources and moments": 12 * sources,
             "activations": activations}
     if world_size() > 1:
         plan["gradient all-reduce buffer"] = 4 * trainable  # the flat copy sync_gradients reduces
@@ -1467,11 +1563,11 @@ def memory_plan(dec, cfg, x, activations: int) -> dict:
 
 
 def check_memory(plan: dict, device, cfg: Config, verbose=True):
-    """Print the plan; stop when it does not fit in 90% of the free memory (on an H100 the plan of pile4l
-    at batch 24 fell 6% short of the peak, 62.5 of 66.4 GiB)."""
+    """Print the plan; stop when it does not fit in 90% of the free memory (the plan can fall a few percent
+    short of the peak: RESULTS.md)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the plan's own measurement left blocks in the allocator's cache
-        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)  # the plan counts these
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)  # the plan counts it
     elif os.path.exists("/proc/meminfo"):  # Linux: what the OS can give without swapping, page cache included
         with open("/proc/meminfo") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
@@ -1479,21 +1575,23 @@ def check_memory(plan: dict, device, cfg: Config, verbose=True):
         free = float("inf")  # no portable way to ask: trust the user
     if verbose:
         print("memory plan per process: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in plan.items())
-              + f" (free: {free / 2**30:.1f} GiB" + (")" if device.type == "cuda" else "; activations not measured)"))
+              + f" (free: {free / 2**30:.1f} GiB" + (")" if device.type == "cuda" else
+                                                      "; activations not measured)"))
     usable = 0.9 * free
     if cfg.memory_check and plan["total"] > usable:
         fixed = plan["total"] - plan["adversary sources and moments"] - plan["activations"]
         fits = int(cfg.batch_size * (usable - fixed) / max(1, plan["total"] - fixed))
         bf16 = ", or use dtype='bfloat16'" if device.type == "cuda" and cfg.dtype != "bfloat16" else ""
-        raise SystemExit(f"this run needs about {plan['total'] / 2**30:.1f} GiB per process, more than 90% of the "
-                         f"{free / 2**30:.1f} GiB free: lower batch_size (per process) to about {max(fits, 0)}, spread "
-                         f"the batch over more GPUs with torchrun{bf16} (--memory_check=False runs anyway)")
+        raise SystemExit(f"this run needs about {plan['total'] / 2**30:.1f} GiB per process, more than 90% "
+                         f"of the {free / 2**30:.1f} GiB free: lower batch_size (per process) to about "
+                         f"{max(fits, 0)}, spread the batch over more GPUs with torchrun{bf16} "
+                         "(--memory_check=False runs anyway)")
 
 
 # dense peak TFLOP/s (bf16 tensor cores, fp32) of common GPUs by name; the first match counts
 PEAK_TFLOPS = [("H100 PCIe", 756, 51), ("H100 NVL", 835, 60), ("H200 NVL", 835, 60), ("H100", 989, 67),
-               ("H200", 989, 67), ("A100", 312, 19.5), ("L40S", 362, 91.6), ("L40", 181, 90.5), ("L4", 121, 30.3),
-               ("RTX 4090", 165, 82.6), ("RTX 3090", 71, 35.6)]
+               ("H200", 989, 67), ("A100", 312, 19.5), ("L40S", 362, 91.6), ("L40", 181, 90.5),
+               ("L4", 121, 30.3), ("RTX 4090", 165, 82.6), ("RTX 3090", 71, 35.6)]
 
 
 def peak_tflops(cfg, device) -> float:
@@ -1502,7 +1600,8 @@ def peak_tflops(cfg, device) -> float:
     if cfg.peak_tflops or device.type != "cuda":
         return cfg.peak_tflops
     name = torch.cuda.get_device_name(device)
-    return next((bf16 if cfg.dtype == "bfloat16" else fp32 for key, bf16, fp32 in PEAK_TFLOPS if key in name), 0.0)
+    return next((bf16 if cfg.dtype == "bfloat16" else fp32 for key, bf16, fp32 in PEAK_TFLOPS if key in name),
+                0.0)
 
 
 def peak_memory_gb(device):
@@ -1527,8 +1626,9 @@ def save_figures(dec, truth, out_dir):
             fire = (g.max(0).values > 0).nonzero()[:, 0]  # columns that never fire are left out
             im = ax.imshow(g[:, fire], vmin=0, vmax=1, cmap="Blues", aspect="auto", interpolation="nearest")
             step = max(1, len(fire) // 12)  # at most ~12 labels, each the subcomponent's own index
-            ax.set(title=f"{n}: CI on one-hot probes", xlabel=f"subcomponent ({len(fire)} that fire)", ylabel="feature",
-                   xticks=range(0, len(fire), step), xticklabels=fire[::step].tolist(), yticks=range(len(g)))
+            ax.set(title=f"{n}: CI on one-hot probes", xlabel=f"subcomponent ({len(fire)} that fire)",
+                   ylabel="feature", xticks=range(0, len(fire), step), xticklabels=fire[::step].tolist(),
+                   yticks=range(len(g)))
         fig.colorbar(im, ax=axes[0].tolist(), label="CI")
         fig.savefig(os.path.join(out_dir, "ci_probes.png"), dpi=120, bbox_inches="tight")
         plt.close(fig)
@@ -1538,7 +1638,8 @@ def save_figures(dec, truth, out_dir):
         comp, lim = dec.comps[path], W.abs().max().item()
         found = (comp.V[torch.arange(len(best)), best][:, None] * comp.U[best]).detach().cpu()  # [n, d_out]
         fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-        for ax, vecs, title in ((axes[0], W.T.cpu(), "target W columns"), (axes[1], found, "best subcomponents")):
+        for ax, vecs, title in ((axes[0], W.T.cpu(), "target W columns"),
+                                (axes[1], found, "best subcomponents")):
             if vecs.shape[1] == 2:
                 for j, v in enumerate(vecs):
                     ax.arrow(0, 0, v[0], v[1], color=f"C{j % 10}", width=0.01, length_includes_head=True)
@@ -1591,11 +1692,12 @@ def configure(argv: list, *configs):
     def assign(key, value, where):
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1)
-            raise SystemExit(f"unknown config key {key!r} in {where}" + (f"; did you mean {near[0]!r}?" if near else ""))
+            raise SystemExit(f"unknown config key {key!r} in {where}"
+                             + (f"; did you mean {near[0]!r}?" if near else ""))
         cfg, kind, default = fields[key]
         if kind is float and type(value) is int:
             value = float(value)
-        if type(value) is not kind and not (value is None and default is None):  # None: only where it is the default
+        if type(value) is not kind and not (value is None and default is None):  # None: where the default is
             article = "an" if kind.__name__[0] in "aeiou" else "a"
             raise SystemExit(f"config key {key!r} in {where} takes {article} {kind.__name__}, "
                              f"got {value!r} ({type(value).__name__})")
@@ -1619,20 +1721,21 @@ def configure(argv: list, *configs):
             namespace = {"__file__": arg}  # a config may exec() another one next to it
             exec(compile(open(arg).read(), arg, "exec"), namespace)
             for key, value in namespace.items():
-                if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":  # imports
+                if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
                     assign(key, value, arg)
     return configs
 
 
 def main(argv):
-    if argv[:1] == ["import"]:  # python vpd.py import <Goodfire run: directory or wandb:...> <out_dir> [--n_heads=6]
+    if argv[:1] == ["import"]:  # python vpd.py import <Goodfire run, a directory or wandb:...> <out_dir>
         run, out_dir, *rest = argv[1:] + [None] * (2 - len(argv[1:]))
         if out_dir is None or any(not a.startswith("--n_heads=") for a in rest):
-            raise SystemExit("usage: python vpd.py import <Goodfire run directory or wandb:entity/project/runs/id> "
-                             "<out_dir> [--n_heads=N]")
+            raise SystemExit("usage: python vpd.py import <Goodfire run directory or "
+                             "wandb:entity/project/runs/id> <out_dir> [--n_heads=N]")
         t0 = time.perf_counter()
         path = import_goodfire(run, out_dir, *[int(a.partition("=")[2]) for a in rest])
-        print(f"wrote {path} in {time.perf_counter() - t0:.0f} s (peak memory {peak_memory_gb(torch.device('cpu')):.1f} GiB)")
+        print(f"wrote {path} in {time.perf_counter() - t0:.0f} s "
+              f"(peak memory {peak_memory_gb(torch.device('cpu')):.1f} GiB)")
         return
     # the masks, logits and their gradients differ in size between the losses: segments that grow in place
     # instead of cached blocks of fixed sizes leave less memory stranded (set before CUDA starts)
@@ -1642,9 +1745,7 @@ def main(argv):
         print(f"no config file given: using {os.path.relpath(default)}")
         argv = [default, *argv]
     cfg, tcfg = configure(argv, Config(), models.TargetConfig())
-    check_config(cfg)
-    if not tcfg.model.startswith("hf:"):  # the module patterns, before minutes of training a missing target
-        find_matrices(models.build_model(tcfg), cfg.modules)
+    check_config(cfg)  # and the module patterns once the target is built: before a missing one is trained
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" in os.environ:  # launched by torchrun
@@ -1655,8 +1756,8 @@ def main(argv):
         torch.cuda.set_device(cfg.device)
     if cfg.compile is None:
         cfg.compile = cfg.device.startswith("cuda")
-    target, get_batch, truth = models.build(tcfg, cfg)
-    run_config = {**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)}  # after build: an hf: model sets vocab_size
+    target, get_batch, truth = models.build(tcfg, cfg, check=lambda model: find_matrices(model, cfg.modules))
+    run_config = {**dataclasses.asdict(cfg), **dataclasses.asdict(tcfg)}  # after build: hf: sets vocab_size
     if rank == 0:
         print(json.dumps(run_config, indent=1))
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1664,7 +1765,8 @@ def main(argv):
             json.dump(run_config, f, indent=1)
     metrics = train(cfg, target, get_batch, truth, run_config)
     if rank == 0:
-        print("final: " + json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+        print("final: " + json.dumps({k: round(v, 5) if isinstance(v, float) else v
+                                      for k, v in metrics.items()}))
     if dist.is_initialized():
         dist.destroy_process_group()
 

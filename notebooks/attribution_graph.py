@@ -8,7 +8,8 @@
 # large; optimising the prompt's CI to keep the label under random and adversarial ablation (`vpd.optimise_ci`)
 # prunes it to the nodes the prediction needs. Four numbers say whether a graph is faithful: the label's
 # probability under the target, under CI masks, under a random ablation of what CI leaves out, and under an
-# adversary that chooses that ablation.
+# adversary that chooses how much of every alive subcomponent to keep (of the graph's nodes at least their CI;
+# of the pruned ones anything from nothing to all).
 #
 # Needs `python vpd.py configs/fortunes.py` (and, for the frontier's picks, `python edit.py
 # configs/edit_fortunes_quick.py`) first. A few minutes on 2 CPU cores; figures and JSON go to `out/notebooks/`.
@@ -29,6 +30,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import edit
+import models
 import vpd
 
 CKPT = os.environ.get("NB_CKPT", os.path.join(ROOT, "out", "fortunes", "ckpt.pt"))
@@ -43,7 +45,7 @@ torch.manual_seed(0)
 target, dec, components, tcfg, vcfg = vpd.load_decomposition(CKPT)
 cfg = edit.EditConfig(ckpt=CKPT, data=DATA, tokenizer=TOKENIZER, seq_len=tcfg.seq_len,
                       analysis_windows=int(os.environ.get("NB_WINDOWS", 100)))
-decode = edit.token_decoder(cfg, tcfg.vocab_size)
+decode = models.token_decoder(cfg.tokenizer, tcfg.vocab_size)
 # the model's order of the matrices (q, k, v, o, MLP in, MLP out per layer), bottom to top in the figures
 order = [n for n, m in dec.target.named_modules() if n in dec.comps]
 
@@ -53,8 +55,8 @@ order = [n for n, m in dec.target.named_modules() if n in dec.comps]
 # mean CI). The frontier of `edit.py` (if it ran) names the subcomponents whose scalar switches German off.
 
 # %%
-texts = {lang: edit.windows(edit.load_language(cfg, lang)["val"], cfg.analysis_windows, cfg.seq_len)
-         for lang in cfg.languages}
+text = {lang: models.language_splits(lang, DATA, {}, TOKENIZER, 0) for lang in cfg.languages}  # {lang: {split: ids}}
+texts = {lang: models.windows(text[lang]["val"], cfg.analysis_windows, cfg.seq_len) for lang in cfg.languages}
 mean, freq = edit.component_stats(dec, texts, cfg.fire_threshold)
 keys = [f"{n}:{c}" for n, comp in components.items() for c in range(comp["V"].shape[1])]
 labels = dict(zip(keys, edit.labels_of(mean, freq, cfg.languages, cfg)))
@@ -71,7 +73,7 @@ print(f"{sum(v == 'de-only' for v in labels.values())} de-only subcomponents; th
 # %%
 prompts = {}
 for lang in ("en", "de"):
-    w = edit.windows(edit.load_language(cfg, lang)["test"], 32, cfg.seq_len)[:, :PROMPT_LEN]
+    w = models.windows(text[lang]["test"], 32, cfg.seq_len)[:, :PROMPT_LEN]
     with torch.no_grad():
         probs = torch.softmax(target(w)[:, -1].float(), -1)
     p, label = probs.max(-1)
@@ -95,7 +97,7 @@ for lang, (x, label) in prompts.items():
     optimised = vpd.optimise_ci(dec, x, label, steps=STEPS)
     for kind, g in (("ci", ci), ("optimised", optimised)):
         graph = vpd.attribution_graph(dec, x, ci=g)
-        graph["faithfulness"] = vpd.faithfulness(dec, x, label, g)
+        graph["faithfulness"] = vpd.faithfulness(dec, x, label, g, alive=ci > 0)  # what was alive before pruning
         graph["tokens"] = [decode([t]) for t in x[0].tolist()]
         graph["label"] = decode([label])
         for node in graph["nodes"]:

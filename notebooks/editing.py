@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+import torch
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import matplotlib
@@ -20,6 +22,10 @@ if "ipykernel" not in sys.modules:
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+
+import edit
+import models
+import vpd
 
 RUN = os.environ.get("NB_EDIT", os.path.join(ROOT, "out", "edit_fortunes"))
 OUT = os.environ.get("NB_OUT", os.path.join(ROOT, "out", "notebooks"))
@@ -30,6 +36,22 @@ analysis = json.load(open(os.path.join(RUN, "components.json")))
 base, chance, remove, keep = summary["base_test"], summary["chance"], summary["remove"], summary["keep"]
 langs = list(base)
 print(f"before any edit (test CE): {base}; chance {chance:.3f}")
+
+# %% [markdown]
+# ## The decomposition's German parts
+# Labels from each subcomponent's mean CI per language on held-out text, and the top 16 by mean CI on German
+# minus on English (Goodfire's ranking), with the contexts where they fire hardest.
+
+# %%
+counts = {}
+for label in analysis["labels"].values():
+    counts[label] = counts.get(label, 0) + 1
+print("labels:", dict(sorted(counts.items(), key=lambda kv: -kv[1])))
+print(f"{'subcomponent':<24} {'label':<9} " + " ".join(f"{l:>6}" for l in langs) + "   top context per language")
+for r in analysis["ranked"]:
+    per_lang = r["contexts"][::len(r["contexts"]) // len(r["mean_ci"]) or 1]
+    print(f"{r['key']:<24} {r['label']:<9} " + " ".join(f"{r['mean_ci'][l]:6.3f}" for l in langs) + "   "
+          + " ¶ ".join(per_lang)[:160])
 
 # %% [markdown]
 # ## The causal frontier
@@ -99,3 +121,57 @@ for i, method in enumerate(methods):
 ax.set(xticks=np.arange(len(langs)) + 0.4, xticklabels=langs, ylabel="test ΔCE", yscale="symlog", title=f"n = {n_show}")
 ax.legend(fontsize=6, ncol=2)
 fig.savefig(os.path.join(OUT, "editing_off_target.png"), dpi=100, bbox_inches="tight")
+
+# %% [markdown]
+# ## The table: every method at every budget
+# Test split, mean over seeds: the share of the way to chance and the English damage; then tokens to chance, the
+# other languages' change, the parameters trained and the inference FLOPs per token over the target's (a CI gate
+# runs the decomposition's CI function beside the model). Every component method also cost the decomposition.
+
+# %%
+cost = summary["cost"]
+ns = sorted({int(n) for s in summary["methods"].values() for n in s["by_n"]})
+others = [l for l in langs if l not in (remove, keep)]
+lines = ["| method | " + " | ".join(f"n = {n}" for n in ns) + " | tokens to chance | " + " / ".join(others)
+         + f" at n = {n_show} | parameters | inference |", "| --- " * (len(ns) + 5) + "|"]
+for method, s in summary["methods"].items():
+    cells = [f"{s['by_n'][str(n)]['progress']:.0%}, {s['by_n'][str(n)]['damage']:+.3f}" if str(n) in s["by_n"] else ""
+             for n in ns]
+    v = s["by_n"].get(n_show)
+    lines.append(f"| {method} | " + " | ".join(cells) + f" | {s['tokens_to_chance'] or 'not reached'} | "
+                 + (" / ".join(f"{v['ce'][l] - base[l]:+.3f}" for l in others) if v else "") + " | "
+                 + f"{cost['methods'][method]['parameters']} | {cost['methods'][method]['inference']:.3f}× |")
+lines += ["", f"decomposition: {cost['decomposition_tokens']:,} tokens ({cost['decomposition_flops']:.2g} FLOPs); "
+          f"analysis: {cost['analysis_tokens']:,} tokens; frontier: {cost['frontier_remove_tokens']:,} {remove} dev tokens, "
+          f"{cost['frontier_seconds']:.0f} s; one edit: {cost['edit_flops']:.2g} FLOPs ({cost['edit_flops_note']})"]
+print("\n".join(lines))
+with open(os.path.join(OUT, "editing_summary.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+# %% [markdown]
+# ## What an edit does to text
+# Greedy continuations of test prompts before and after the saved edit (n = 64, seed 0) of the method that went
+# furthest within the damage allowed.
+
+# %%
+saved = [m for m in summary["methods"] if os.path.exists(os.path.join(RUN, f"edited_{m}.pt"))
+         and (v := summary["methods"][m]["by_n"].get(n_show)) and v["damage"] <= summary["max_damage"]]
+if saved:
+    method = max(saved, key=lambda m: summary["methods"][m]["by_n"][n_show]["progress"])
+    target, _, _, tcfg, _ = vpd.load_decomposition(summary["ckpt"])
+    edited = edit.load_edited(os.path.join(RUN, f"edited_{method}.pt"), tcfg)
+    inputs = analysis["inputs"]  # the edit's settings: where its text came from
+    decode = models.token_decoder(inputs["tokenizer"], tcfg.vocab_size)
+    print(f"before → after the saved {method} edit")
+    for lang in (remove, keep):
+        ids = models.language_splits(lang, inputs["data"], inputs["sources"], inputs["tokenizer"],
+                                     inputs["split_tokens"])["test"]
+        for w in models.windows(ids, 2, inputs["seq_len"]):
+            prompt, outs = w[:16][None], []
+            for model in (target, edited):
+                x = prompt
+                with torch.no_grad():
+                    for _ in range(16):
+                        x = torch.cat([x, vpd.output_logits(model(x))[:, -1:].argmax(-1)], 1)
+                outs.append(decode(x[0, 16:].tolist()))
+            print(f"{lang}: {decode(prompt[0].tolist())!r} → {outs[0]!r} | {outs[1]!r}")

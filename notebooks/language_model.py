@@ -23,6 +23,7 @@ if "ipykernel" not in sys.modules:
 import matplotlib.pyplot as plt
 
 import edit
+import models
 import vpd
 
 CKPT = os.environ.get("NB_CKPT", os.path.join(ROOT, "out", "fortunes", "ckpt.pt"))
@@ -68,8 +69,8 @@ if evals:
 # %%
 cfg = edit.EditConfig(ckpt=CKPT, data=DATA, tokenizer=TOKENIZER, seq_len=tcfg.seq_len,
                       analysis_windows=int(os.environ.get("NB_WINDOWS", 100)))
-texts = {lang: edit.windows(edit.load_language(cfg, lang)["val"], cfg.analysis_windows, cfg.seq_len)
-         for lang in cfg.languages}
+text = {lang: models.language_splits(lang, DATA, {}, TOKENIZER, 0) for lang in cfg.languages}  # {lang: {split: ids}}
+texts = {lang: models.windows(text[lang]["val"], cfg.analysis_windows, cfg.seq_len) for lang in cfg.languages}
 mean, freq = edit.component_stats(dec, texts, cfg.fire_threshold)    # [L, ΣC] each
 labels = edit.labels_of(mean, freq, cfg.languages, cfg)
 sizes = [c["V"].shape[1] for c in components.values()]
@@ -91,7 +92,7 @@ print("labels:", dict(sorted(counts.items(), key=lambda kv: -kv[1])))
 
 # %%
 keys = [f"{n}:{c}" for n, comp in components.items() for c in range(comp["V"].shape[1])]
-decode = edit.token_decoder(cfg, tcfg.vocab_size)
+decode = models.token_decoder(cfg.tokenizer, tcfg.vocab_size)
 L = cfg.languages.index
 top = (mean[L("de")] - mean[L("en")]).topk(5).indices.tolist()
 fig, ax = plt.subplots(figsize=(7, 3))
