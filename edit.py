@@ -1,5 +1,5 @@
-
-"""edit.py: edit a model through its parameter components; the German-removal experiment.
+"""
+edit.py: edit a model through its parameter components; the German-removal experiment.
 
 A decomposition written by vpd.py rewrites each decomposed matrix as W = Σ_c (V[:, c] ⊗ U[c, :])^T + Δ, so
 every subcomponent is an edit handle: a scalar m_c that adds (m_c - 1) g (x · V[:, c]) U[c, :] to its matrix's
@@ -44,13 +44,15 @@ import models
 import vpd
 
 # Edit methods, "<handles>[_<gate>]", the gate "ci" or "act" (none: a weight edit):
-#   one             Goodfire's procedure: the top "<remove>-only" subcomponent by mean-CI difference, from m = 1
+#   one             Goodfire's procedure: the top "<remove>-only" subcomponent by mean-CI difference,
+#                   from m = 1
 #   top, only       the top_k ranked subcomponents' scalars, or every "<remove>-only" one's, from m = 1
 #   best            the causal frontier's best subcomponent for the gate, from its m, as m = sign · exp(u)
 #   random          a control for best: a random alive subcomponent outside the ranked ones, from best's m,
 #                   under a gate of the same kind (its own)
 #   lora<r>_all     rank-r LoRA on every decomposed matrix (no gate)
-#   lora<r>_matrix  rank-r LoRA on one matrix: one's without a gate; with a gate, best's matrix under best's gate
+#   lora<r>_matrix  rank-r LoRA on one matrix: one's without a gate; with a gate, best's matrix under
+#                   best's gate
 METHOD = re.compile(r"(one|top|only|best|random|lora([1-9][0-9]*)_(all|matrix))(?:_(ci|act))?")
 FORMS = ("plain", "ci", "act")
 
@@ -245,8 +247,8 @@ def bake(edit: nn.Module, model: nn.Module) -> nn.Module:
 
 
 def save_edited(path: str, baked: nn.Module):
-    """A plain state dict; with activation gates, {"model": the target's state dict, "gates": {path:
-    tensors}}."""
+    """A plain state dict; with activation gates, {"model": the target's state dict, "gates": their
+    tensors}."""
     gated = {n: m for n, m in baked.named_modules() if isinstance(m, ActivationGated)}
     state = baked.state_dict()
     for name in gated:  # the target's own keys, the gates apart
@@ -749,23 +751,27 @@ def draw_frontier(cfg: EditConfig, analysis: dict, front: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     colours = {f"{cfg.remove}-only": "C3", "foreign": "C1", "general": "C7", f"{cfg.keep}-only": "C0"}
-    fig, axes = plt.subplots(1, len(FORMS), figsize=(5.2 * len(FORMS), 4.2), sharey=True)
+    fig, axes = plt.subplots(1, len(FORMS), figsize=(5.2 * len(FORMS), 4.4), sharey=True)
     for ax, form in zip(axes, FORMS):
         entries = [e for e in front["entries"] if e["form"] == form]
+        others = iter(("C2", "C4", "C5", "C6", "C8", "C9"))   # the mixed labels, e.g. de+es
         for label in sorted({e["label"] for e in entries}):
             es = [e for e in entries if e["label"] == label]
             ax.scatter([e["keep"] for e in es], [e["remove"] / front["gap"] for e in es], s=9, alpha=0.6,
-                       color=colours.get(label, "C2" if cfg.remove in label else "C9"),
-                       label=label if form == "plain" else None)
+                       color=colours.get(label) or next(others, "C9"), label=label)
         pick = next(e for e in entries if e["key"] == analysis["chosen"])
-        for e, style, name in ((pick, "*", "Goodfire's pick"), (front["best"][form], "o", "frontier's best")):
-            ax.scatter([e["keep"]], [e["remove"] / front["gap"]], s=160, marker=style, facecolors="none",
-                       edgecolors="k", label=f"{name}: {e['key']} (m = {e['m']:g})")
+        for e, style, name in ((pick, "*", "Goodfire's pick"), (front["best"][form], "o", "best")):
+            xy = (e["keep"], e["remove"] / front["gap"])
+            right = xy[0] > cfg.max_damage / 2     # write the label towards the panel's middle
+            ax.scatter(*xy, s=160, marker=style, facecolors="none", edgecolors="k")
+            ax.annotate(f"{name}: {e['key']}, m = {e['m']:g}", xy, textcoords="offset points", fontsize=7,
+                        xytext=(-6 if right else 6, -10 if style == "*" else 6),
+                        ha="right" if right else "left")
         ax.axvline(cfg.max_damage, color="k", ls="--", lw=0.8)
         ax.axhline(1.0, color="k", ls=":", lw=0.8)
-        ax.set(xscale="symlog", xlabel=f"{cfg.keep} CE increase (nats, dev)", title=f"gate: {form}")
-        ax.legend(fontsize=6, loc="lower right")
+        ax.set(xlabel=f"{cfg.keep} CE increase (nats, dev)", title=f"gate: {form}")
     axes[0].set_ylabel(f"{cfg.remove} CE increase / gap to chance (dev)")
+    axes[0].legend(fontsize=6, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "frontier.png"), dpi=120)
     plt.close(fig)
