@@ -706,7 +706,8 @@ def sweep(cfg: EditConfig):
         tqdm.write(f"{method:>16} n {n:5d} seed {seed}: {cfg.remove} CE {row['test'][cfg.remove]:.3f} "
                    f"({row['progress']:.0%} to chance), {cfg.keep} {row['damage']:+.3f}, lr {row['lr']:g} "
                    f"λ {row['lam']:g}")
-    summarise(cfg, ed, analysis, front, [json.loads(line) for line in open(results)])
+    summarise(cfg, ed, analysis, front,  # methods=[] screens only: no edits, no results.jsonl
+              [json.loads(line) for line in open(results)] if os.path.exists(results) else [])
 
 
 # -----------------------------------------------------------------------------

@@ -1935,6 +1935,14 @@ def test_edit_pipeline_end_to_end_resumable_with_choices_on_dev(lm_decomposition
     monkeypatch.setattr(edit.Editing, "cell", lambda self, *a: calls.append(a[:3]) or real_cell(self, *a))
     edit.sweep(dataclasses.replace(cfg, budgets=[1, 12, 2], methods=["one"]))
     assert [c[:2] for c in calls] == [("one", 2)]
+    # the screen alone (no methods): its analysis and frontier reused, a summary without edits
+    screen = cfg.out_dir + "_screen"
+    os.makedirs(screen)
+    for name in ("components.json", "frontier.json"):
+        shutil.copy(os.path.join(cfg.out_dir, name), screen)
+    edit.sweep(dataclasses.replace(cfg, out_dir=screen, methods=[]))
+    assert json.load(open(os.path.join(screen, "summary.json")))["methods"] == {}
+    assert os.path.exists(os.path.join(screen, "frontier.png"))
     # but never on other inputs: the finished cells of German removal are not Spanish removal's
     with pytest.raises(ValueError, match=r"holds a sweep of other inputs \(differing: \['remove'\]\)"):
         edit.sweep(dataclasses.replace(cfg, remove="es"))
