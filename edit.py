@@ -194,6 +194,11 @@ class LoRA(nn.Module):
         return {p: (A, B) for p, A, B in zip(self.paths, self.A, self.B)}
 
 
+def ci_gated(edit: nn.Module) -> bool:
+    """Whether the edit runs the decomposition's CI function at inference (and so cannot be baked)."""
+    return edit.gate is not None and edit.gate.kind == "ci"
+
+
 @contextmanager
 def applied(edit: nn.Module, model: nn.Module):
     """Run `model` with the edit as forward hooks, out += ((x P) ⊙ g) Q: the weights are never copied, and the
@@ -205,7 +210,7 @@ def applied(edit: nn.Module, model: nn.Module):
         return out + (h if gate is None else h * gate(path, inputs[0])) @ Q
     hooks = [model.get_submodule(path).register_forward_hook(partial(hook, path, P, Q))
              for path, (P, Q) in edit.factors().items()]
-    if gate is not None and gate.kind == "ci":  # the decomposition's CI of each input, before its forward
+    if ci_gated(edit):  # the decomposition's CI of each input, before its forward
         hooks.append(model.register_forward_pre_hook(lambda module, args: gate.read(args[0])))
     try:
         yield model
@@ -232,7 +237,7 @@ class ActivationGated(nn.Module):
 def bake(edit: nn.Module, model: nn.Module) -> nn.Module:
     """An ordinary copy of the model with the edit written in: into the weights, W' = W + (P Q)^T, or for an
     activation gate as ActivationGated modules. A CI gate runs the decomposition at inference: no bake."""
-    if edit.gate is not None and edit.gate.kind == "ci":
+    if ci_gated(edit):
         raise ValueError("a CI-gated edit runs the decomposition's CI function at inference: it cannot be "
                          "baked")
     baked = copy.deepcopy(model)
@@ -606,17 +611,18 @@ class Editing:
         dev (most CE on the language to remove within max_damage on the keep language), then tested."""
         cfg, t0 = self.cfg, time.perf_counter()
         x, y = budget_batch(self.train, n, cfg.seq_len, seed, cfg.device)
-        handles, rank = METHOD.fullmatch(method).group(1, 2)
+        kind = self.edit_for(method, analysis, front, seed)
+        lrs = cfg.lora_lrs if isinstance(kind, LoRA) else cfg.log_lrs if kind.log_scale else cfg.scalar_lrs
         grid = []
-        for lr in cfg.lora_lrs if rank else cfg.log_lrs if handles in ("best", "random") else cfg.scalar_lrs:
+        for lr in lrs:
             for lam in cfg.lambdas:
                 edit = self.edit_for(method, analysis, front, seed)
                 train_edit(self.target, edit, x, y, self.keep, lr, lam, self.chance, cfg)
                 dev = ce_by_language(self.target, self.dev, edit)
                 grid.append({"lr": lr, "lam": lam, "dev": dev, "edit": edit})
-        damage = lambda g: g["dev"][cfg.keep] - self.base_dev[cfg.keep]
-        ok = [g for g in grid if damage(g) <= cfg.max_damage] or [min(grid, key=damage)]
-        best = max(ok, key=lambda g: (min(g["dev"][cfg.remove], self.chance), -damage(g)))
+        best = grid[best_point([g["dev"][cfg.remove] - self.base_dev[cfg.remove] for g in grid],
+                               [g["dev"][cfg.keep] - self.base_dev[cfg.keep] for g in grid],
+                               self.chance - self.base_dev[cfg.remove], cfg.max_damage)]
         test = ce_by_language(self.target, self.test, best["edit"])
         row = {"method": method, "n": n, "seed": seed, "lr": best["lr"], "lam": best["lam"], "test": test,
                "damage": test[cfg.keep] - self.base_test[cfg.keep],
@@ -626,7 +632,7 @@ class Editing:
                "seconds": time.perf_counter() - t0}
         if isinstance(best["edit"], ScalarEdit):
             row["prefactors"] = best["edit"].prefactors()
-        if n == cfg.save_budget and seed == 0 and "_ci" not in method:  # a CI gate needs the decomposition
+        if n == cfg.save_budget and seed == 0 and not ci_gated(best["edit"]):  # it needs the decomposition
             save_edited(os.path.join(cfg.out_dir, f"edited_{method}.pt"), bake(best["edit"], self.target))
         return row
 
@@ -652,8 +658,8 @@ class Editing:
             target_flops = flops_of(lambda: self.target(probe))
             for method in cfg.methods:
                 edit = self.edit_for(method, analysis, front, 0)
-                ci_gated = "_ci" in method
-                deployed = applied(edit, self.target) if ci_gated else nullcontext(bake(edit, self.target))
+                deployed = (applied(edit, self.target) if ci_gated(edit)
+                            else nullcontext(bake(edit, self.target)))
                 with deployed as model:
                     methods[method] = {"parameters": sum(p.numel() for p in edit.parameters()),
                                        "inference": flops_of(lambda: model(probe)) / target_flops}

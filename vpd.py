@@ -633,7 +633,7 @@ def due(done: int, interval: int, steps: int) -> bool:
     return done == steps or (interval > 0 and done % interval == 0)
 
 
-def check_finite(total, losses: dict, step: int, last_good: str):
+def check_finite(total, losses: dict, step: int, last_good):
     """A non-finite loss stops every process (alone, the others would wait in an all-reduce) before it reaches
     the weights."""
     finite = torch.isfinite(total.detach()).float()
@@ -641,7 +641,7 @@ def check_finite(total, losses: dict, step: int, last_good: str):
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite:
         raise FloatingPointError(f"step {step}: the loss is {total.item()} "
-                                 f"({ {k: v.item() for k, v in losses.items()} }); {last_good}")
+                                 f"({ {k: v.item() for k, v in losses.items()} }); {last_good()}")
 
 
 def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None) -> dict:
@@ -671,7 +671,7 @@ def train(cfg: Config, target: nn.Module, get_batch, truth=None, run_config=None
         losses, sources = training_losses(dec, x, adversary, cfg, p, adv_lr, run.autocast)
         # 5: their weighted sum in fp32; a non-finite one stops every process before it reaches the weights
         total = total_loss(losses, cfg)
-        check_finite(total, losses, step, run.last_good())
+        check_finite(total, losses, step, run.last_good)
         # 6-7: one backward gives the parameters' gradients and (through L_adv) the sources'; AdamW
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -819,7 +819,7 @@ def evaluate(dec, get_batch, cfg, truth=None, autocast=nullcontext()) -> dict:
     metrics["l0/total"] = sum(metrics[f"l0/{n}"] for n in dec.comps)
     for path in dec.comps:  # per layer: a path up to its first number (h.3.attn.q_proj belongs to layer h.3)
         parts = path.split(".")
-        layer = next((".".join(parts[:i + 1]) for i, part in enumerate(parts) if part.isdigit()), None)
+        layer = next((".".join(parts[:i + 1]) for i, part in enumerate(parts[:-1]) if part.isdigit()), None)
         if layer:
             metrics[f"l0_layer/{layer}"] = metrics.get(f"l0_layer/{layer}", 0.0) + metrics[f"l0/{path}"]
     if "ce/target" in metrics:
@@ -857,12 +857,14 @@ def detached_subcomponents(dec, delta=True):
     every non-source subcomponent. The first nn.Embedding's output is detached the same way. Yields {path or
     "embed": (a [..., C] attached, a' leaf)}, filled by each forward."""
     acts = {}
+    # Δ is a constant of this forward: computed once, not per matrix per forward
+    deltas = {path: comp.delta().detach() for path, comp in dec.comps.items()} if delta else {}
 
     def matrix(path, comp, module, inputs, out):
         x = inputs[0]
         a = x @ comp.V
         acts[path] = (a, a.detach().requires_grad_())
-        out = acts[path][1] @ comp.U + (F.linear(x, comp.delta().to(x.dtype)) if delta else 0)
+        out = acts[path][1] @ comp.U + (F.linear(x, deltas[path].to(x.dtype)) if delta else 0)
         return out if comp.bias is None else out + comp.bias
 
     def embedding(module, inputs, out):
@@ -948,10 +950,11 @@ def attribution_graph(dec, x, position=-1, threshold=0.0, ci=None, ci_weighted=T
         out, acts = attribution_forward(dec, repeat(x, len(chunk)))
         values = {n: by_position(a) for n, (a, _) in acts.items()} | {"output": by_position(out)}
         total = sum(values[t][k, s, c] for k, (t, s, c) in enumerate(chunk))
-        grads = torch.autograd.grad(total, [acts[n][1] for n in sources if n in acts], allow_unused=True)
+        present = [n for n in sources if n in acts]
+        grads = torch.autograd.grad(total, [acts[n][1] for n in present], allow_unused=True)
         pos = torch.arange(P, device=device)
         at = torch.tensor([s for _, s, _ in chunk], device=device)[:, None]                 # [K, 1]
-        for i, (source, grad) in enumerate(zip([n for n in sources if n in acts], grads)):
+        for source, grad in zip(present, grads):
             if grad is None:
                 continue
             attr = by_position(grad) * by_position(acts[source][1]).detach()                  # [K, P, C]
