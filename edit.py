@@ -108,6 +108,11 @@ class EditConfig:
 # -----------------------------------------------------------------------------
 # §1 Edits: scalar prefactors and LoRA as forward hooks, their gates, baking and saving
 
+def all_keys(components: dict) -> list:
+    """Every subcomponent's "<module path>:<c>" key, in the order of the CI's last dimension [ΣC]."""
+    return [f"{path}:{c}" for path, comp in components.items() for c in range(comp["V"].shape[1])]
+
+
 def chosen(keys: list, components: dict) -> dict:
     """ "<module path>:<c>" keys, checked against the decomposition -> {path: ([positions in keys], [c])}."""
     out = {}
@@ -131,13 +136,12 @@ class Gate:
 
     def __init__(self, kind: str, keys: list, components: dict, thresholds: dict, dec=None, tau=0.5):
         self.kind, self.dec, self.tau, self.ci = kind, dec, tau, None
-        sizes = [c["V"].shape[1] for c in components.values()]
-        offsets = dict(zip(components, np.cumsum([0] + sizes).tolist()))
+        column = {key: i for i, key in enumerate(all_keys(components))}
         self.where = {}  # path -> (V[:, cs] [d_in, k], thresholds [k], columns of the CI [k])
         for path, (ms, cs) in chosen(keys, components).items():
             V = components[path]["V"][:, cs]
             theta = torch.tensor([thresholds[keys[i]] for i in ms], device=V.device) if kind == "act" else 0
-            self.where[path] = (V, theta, [offsets[path] + c for c in cs])
+            self.where[path] = (V, theta, [column[f"{path}:{c}"] for c in cs])
 
     @torch.no_grad()
     def read(self, x):
@@ -370,14 +374,13 @@ def frontier(model, dec, components, keys: list, texts: dict, grid: list, thresh
     """The CE change per language when one subcomponent's scalar alone is set to each m of the grid, for every
     key and gate: {form: {key: {lang: [ΔCE per m]}}}. One edited window per row, many (subcomponent, m) pairs
     per batch. A window where the gate is never on is the unedited one, so only the others run."""
-    flat = {f"{n}:{c}": i for i, (n, c) in enumerate((n, c) for n, comp in components.items()
-                                                    for c in range(comp["V"].shape[1]))}
+    column = {key: i for i, key in enumerate(all_keys(components))}
     theta = torch.tensor([thresholds[k] for k in keys])
     out = {form: {k: {} for k in keys} for form in FORMS}
     bar = tqdm(total=len(texts) * len(keys) * len(FORMS), desc="frontier", unit="screen", dynamic_ncols=True)
     for lang, w in texts.items():
         base = torch.cat([window_ce(model, chunk) for chunk in w.split(batch)])            # [N]
-        pairs = list(ci_and_activations(dec, w, [flat[k] for k in keys]))
+        pairs = list(ci_and_activations(dec, w, [column[k] for k in keys]))
         ci, acts = torch.cat([c for c, _ in pairs]), torch.cat([a for _, a in pairs])           # [N, T, K]
         gates = {"plain": torch.ones_like(ci), "ci": (ci > tau).float(),
                  "act": (acts > theta.to(acts.device)).float()}
@@ -500,7 +503,7 @@ class Editing:
                 raise ValueError(f"{lang!r} must be one of languages={cfg.languages}")
         self.vocab = self.tcfg.vocab_size  # what the logits span (an hf: model's padded rows included)
         self.chance = math.log(self.vocab)  # the uniform distribution's CE
-        self.keys = [f"{n}:{c}" for n, comp in self.components.items() for c in range(comp["V"].shape[1])]
+        self.keys = all_keys(self.components)
         T, device = cfg.seq_len, cfg.device
         text = {lang: models.language_splits(lang, cfg.data, cfg.sources, cfg.tokenizer, cfg.split_tokens)
                 for lang in cfg.languages}

@@ -58,7 +58,7 @@ order = [n for n, m in dec.target.named_modules() if n in dec.comps]
 text = {lang: models.language_splits(lang, DATA, {}, TOKENIZER, 0) for lang in cfg.languages}  # {lang: {split: ids}}
 texts = {lang: models.windows(text[lang]["val"], cfg.analysis_windows, cfg.seq_len) for lang in cfg.languages}
 mean, freq = edit.component_stats(dec, texts, cfg.fire_threshold)
-keys = [f"{n}:{c}" for n, comp in components.items() for c in range(comp["V"].shape[1])]
+keys = edit.all_keys(components)
 labels = dict(zip(keys, edit.labels_of(mean, freq, cfg.languages, cfg)))
 switches = set()
 if os.path.exists(os.path.join(EDIT, "frontier.json")):

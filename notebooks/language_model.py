@@ -91,7 +91,7 @@ print("labels:", dict(sorted(counts.items(), key=lambda kv: -kv[1])))
 # and the held-out contexts where they fire hardest (the firing token in [[ ]]).
 
 # %%
-keys = [f"{n}:{c}" for n, comp in components.items() for c in range(comp["V"].shape[1])]
+keys = edit.all_keys(components)
 decode = models.token_decoder(cfg.tokenizer, tcfg.vocab_size)
 L = cfg.languages.index
 top = (mean[L("de")] - mean[L("en")]).topk(5).indices.tolist()
